@@ -1,0 +1,65 @@
+"""The contract every encoder implements: token ids in, hidden states out."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Encoder(nn.Module):
+    """Base class of fillmask encoders.
+
+    An encoder owns its token embedding (objectives tie their output layers to it) and maps
+    ``input_ids`` of shape (B, T) to hidden states of shape (B, T, hidden_size).
+    Subclasses expose ``vocab_size``, ``hidden_size`` and ``max_positions`` as attributes.
+
+    The arguments a subclass was built with are recorded automatically, so a checkpoint can
+    rebuild the encoder without the YAML that made it (see :meth:`spec`).
+    """
+
+    vocab_size: int
+    hidden_size: int
+    max_positions: int
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+        signature = inspect.signature(init)
+
+        @functools.wraps(init)
+        def recording_init(self: Encoder, *args: Any, **kw: Any) -> None:
+            init(self, *args, **kw)
+            bound = signature.bind(self, *args, **kw)
+            bound.apply_defaults()
+            recorded = {k: v for k, v in bound.arguments.items() if k != "self"}
+            # The outermost subclass finishes last, so its arguments win.
+            object.__setattr__(self, "_init_args", recorded)
+
+        cls.__init__ = recording_init  # type: ignore[method-assign]
+
+    def spec(self) -> dict[str, Any]:
+        """``{"class_path": ..., "init_args": ...}``: enough to rebuild this encoder."""
+        cls = type(self)
+        return {
+            "class_path": f"{cls.__module__}.{cls.__qualname__}",
+            "init_args": dict(getattr(self, "_init_args", {})),
+        }
+
+    def token_embedding(self) -> nn.Embedding:
+        """The input token embedding, to which MLM decoders tie their weights."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Encode ``input_ids`` (B, T); ``attention_mask`` (B, T) is True on real tokens."""
+        raise NotImplementedError

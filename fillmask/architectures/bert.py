@@ -1,0 +1,216 @@
+"""BERT-family encoder: learned absolute positions, token types, post-LN (BERT) or pre-LN blocks.
+
+Read top to bottom: embeddings, one block (attention + feed-forward), the encoder.
+Shapes: B batch, T tokens, C hidden size, H heads, D head size (C = H * D).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fillmask.architectures.base import Encoder
+
+Norm = Literal["post", "pre"]
+
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
+    "mini": dict(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024),
+    "small": dict(hidden_size=512, num_layers=4, num_heads=8, intermediate_size=2048),
+    "medium": dict(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=2048),
+    "base": dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),
+    "large": dict(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096),
+}
+
+ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
+
+
+class BertEmbeddings(nn.Module):
+    """Token + learned position + token-type embeddings, then LayerNorm and dropout."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        max_positions: int,
+        type_vocab_size: int,
+        dropout: float,
+        eps: float,
+    ) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(vocab_size, hidden_size)
+        self.positions = nn.Embedding(max_positions, hidden_size)
+        self.token_types = nn.Embedding(max(type_vocab_size, 1), hidden_size)
+        self.norm = nn.LayerNorm(hidden_size, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+        T = input_ids.shape[1]
+        positions = torch.arange(T, device=input_ids.device)
+        x = self.tokens(input_ids) + self.positions(positions)  # (B, T, C)
+        if token_type_ids is None:
+            x = x + self.token_types.weight[0]
+        else:
+            x = x + self.token_types(token_type_ids)
+        return self.dropout(self.norm(x))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention through ``scaled_dot_product_attention``."""
+
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float, bias: bool) -> None:
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(
+                f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}; "
+                "choose num_heads that divides hidden_size"
+            )
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=bias)
+        self.out = nn.Linear(hidden_size, hidden_size, bias=bias)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, C // self.num_heads).unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, T, D)
+        return self.out(y.transpose(1, 2).reshape(B, T, C))
+
+
+class FeedForward(nn.Module):
+    """Linear -> activation -> Linear."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str, bias: bool):
+        super().__init__()
+        self.up = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.act = ACTIVATIONS[activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.up(x)))
+
+
+class BertBlock(nn.Module):
+    """One transformer block; ``norm="post"`` is BERT's layout, ``"pre"`` normalises first."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        intermediate_size: int,
+        dropout: float,
+        attention_dropout: float,
+        activation: str,
+        norm: Norm,
+        eps: float,
+        bias: bool,
+    ) -> None:
+        super().__init__()
+        self.norm_position = norm
+        self.attention = SelfAttention(hidden_size, num_heads, attention_dropout, bias)
+        self.attention_norm = nn.LayerNorm(hidden_size, eps=eps)
+        self.ffn = FeedForward(hidden_size, intermediate_size, activation, bias)
+        self.ffn_norm = nn.LayerNorm(hidden_size, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if self.norm_position == "pre":
+            x = x + self.dropout(self.attention(self.attention_norm(x), mask))
+            return x + self.dropout(self.ffn(self.ffn_norm(x)))
+        x = self.attention_norm(x + self.dropout(self.attention(x, mask)))
+        return self.ffn_norm(x + self.dropout(self.ffn(x)))
+
+
+class BertEncoder(Encoder):
+    """The BERT encoder (Devlin et al.), with the knobs later BERT-family recipes turned."""
+
+    def __init__(
+        self,
+        vocab_size: int = 30522,
+        hidden_size: int = 768,
+        num_layers: int = 12,
+        num_heads: int = 12,
+        intermediate_size: int = 3072,
+        max_positions: int = 512,
+        type_vocab_size: int = 2,
+        dropout: float = 0.1,
+        attention_dropout: float = 0.1,
+        activation: str = "gelu",
+        norm: Norm = "post",
+        layer_norm_eps: float = 1e-12,
+        bias: bool = True,
+        initializer_range: float = 0.02,
+    ) -> None:
+        """Build the encoder.
+
+        Args:
+            vocab_size: Rows of the token embedding; linked from the tokenizer by the CLI.
+            hidden_size: Width C of every token state.
+            num_layers: Number of transformer blocks.
+            num_heads: Attention heads per block; must divide ``hidden_size``.
+            intermediate_size: Width of the feed-forward layer (4 x hidden in BERT).
+            max_positions: Longest sequence the learned position table covers.
+            type_vocab_size: Segment (token type) embeddings; 2 for sentence pairs.
+            dropout: Dropout on embeddings and block outputs.
+            attention_dropout: Dropout on attention probabilities.
+            activation: ``gelu`` (exact, as BERT), ``gelu_tanh`` or ``relu``.
+            norm: ``post`` (BERT) or ``pre`` (LayerNorm before each sub-layer, plus a final one).
+            layer_norm_eps: LayerNorm epsilon.
+            bias: Whether linear layers have biases.
+            initializer_range: Standard deviation of the normal weight initialisation.
+        """
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            known = sorted(ACTIVATIONS)
+            raise ValueError(f"activation={activation!r} is unknown; use one of {known}")
+        if norm not in ("post", "pre"):
+            raise ValueError(f"norm={norm!r} is unknown; use 'post' or 'pre'")
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.max_positions = max_positions
+        self.initializer_range = initializer_range
+        self.embeddings = BertEmbeddings(
+            vocab_size, hidden_size, max_positions, type_vocab_size, dropout, layer_norm_eps
+        )
+        self.blocks = nn.ModuleList(
+            BertBlock(
+                hidden_size, num_heads, intermediate_size, dropout, attention_dropout,
+                activation, norm, layer_norm_eps, bias,
+            )
+            for _ in range(num_layers)
+        )
+        self.final_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps) if norm == "pre" else None
+        self.apply(self._init_weights)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> BertEncoder:
+        """Build a named size (``tiny`` for tests up to ``large``), overriding any argument."""
+        if name not in PRESETS:
+            raise ValueError(f"preset {name!r} is unknown; use one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.initializer_range)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def token_embedding(self) -> nn.Embedding:
+        return self.embeddings.tokens
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = self.embeddings(input_ids, token_type_ids)  # (B, T, C)
+        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        for block in self.blocks:
+            x = block(x, mask)
+        return x if self.final_norm is None else self.final_norm(x)  # (B, T, C)

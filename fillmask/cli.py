@@ -1,0 +1,112 @@
+"""The `fillmask` command: LightningCLI (fit/validate/test/predict) plus fill and tokenizer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+# Imported so that short class names (`class_path: BertEncoder`) resolve in YAML.
+from fillmask.architectures.bert import BertEncoder  # noqa: F401
+from fillmask.data.datamodule import MaskedLMDataModule
+from fillmask.errors import FillmaskError
+from fillmask.masking.token import TokenMasking  # noqa: F401
+from fillmask.objectives.mlm import MaskedLM
+
+TOOLS = ("fill", "tokenizer")
+
+
+class FillmaskCLI(LightningCLI):
+    """LightningCLI with the tokenizer's vocabulary linked into the encoder."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments(
+            "data.vocab_size", "model.encoder.init_args.vocab_size", apply_on="instantiate"
+        )
+
+
+def run_lightning(args: list[str] | None = None) -> FillmaskCLI:
+    """Run LightningCLI for MLM pretraining (``fillmask fit --config X.yaml``)."""
+    return FillmaskCLI(
+        MaskedLM,
+        MaskedLMDataModule,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+def fill_main(argv: list[str]) -> int:
+    from fillmask.inference import CheckpointError, FillMaskModel
+
+    parser = argparse.ArgumentParser(prog="fillmask fill", description=(
+        "Predict the tokens behind the mask token ([MASK] or <mask>) of each input."))
+    parser.add_argument("inputs", nargs="*", help="texts with one or more mask tokens")
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by fillmask fit")
+    parser.add_argument("--top-k", type=int, default=5, help="candidates per mask (default 5)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per input")
+    args = parser.parse_args(argv)
+    try:
+        model = FillMaskModel.from_checkpoint(args.checkpoint)
+    except CheckpointError as error:
+        parser.error(str(error))
+    if not args.inputs:
+        parser.error("give at least one input text")
+    mask = model.mask_token()
+    missing = [t for t in args.inputs if mask not in t]
+    if missing:
+        parser.error(f"input {missing[0]!r} has no {mask} token; write {mask} where a word is "
+                     "missing")
+    for text, masks in zip(args.inputs, model.fill(args.inputs, args.top_k), strict=True):
+        if args.json:
+            print(json.dumps({"input": text, "masks": masks}))
+            continue
+        print(text)
+        for index, candidates in enumerate(masks):
+            label = f"  {mask} #{index + 1}:" if len(masks) > 1 else f"  {mask}:"
+            print(label, ", ".join(f"{c['token']} ({c['score']:.3f})" for c in candidates))
+    return 0
+
+
+def tokenizer_main(argv: list[str]) -> int:
+    from fillmask.data.corpus import load_corpus
+    from fillmask.data.tokenize import TokenizerTraining, batched, train_tokenizer
+
+    parser = argparse.ArgumentParser(prog="fillmask tokenizer", description="Tokenizer tools.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    train = sub.add_parser("train", help="train a tokenizer on a corpus's training split")
+    train.add_argument("--corpus", default="python-docs",
+                       help="embedded corpus name, files/globs, or a saved datasets folder")
+    train.add_argument("--text-column", default="text")
+    train.add_argument("--algorithm", choices=["wordpiece", "bpe", "unigram"], default="wordpiece")
+    train.add_argument("--vocab-size", type=int, default=8192)
+    train.add_argument("--cased", action="store_true", help="keep case and accents")
+    train.add_argument("--min-frequency", type=int, default=2)
+    train.add_argument("--output", required=True, help="path of the tokenizer.json to write")
+    args = parser.parse_args(argv)
+    options = TokenizerTraining(args.algorithm, args.vocab_size, not args.cased, args.min_frequency)
+    corpus = load_corpus(args.corpus.split(",") if "," in args.corpus else args.corpus,
+                         args.text_column)
+    tok = train_tokenizer((t for b in batched(corpus["train"]["text"]) for t in b), options)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(output))
+    print(f"wrote {output} ({tok.get_vocab_size()} tokens, {args.algorithm})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fillmask`` command; ``argv`` defaults to the command line."""
+    words = sys.argv[1:] if argv is None else argv
+    if words and words[0] == "fill":
+        return fill_main(words[1:])
+    if words and words[0] == "tokenizer":
+        return tokenizer_main(words[1:])
+    try:
+        run_lightning(argv)
+    except FillmaskError as error:
+        print(f"fillmask: error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,188 @@
+"""Tokenizers: load a tokenizer.json or transformers folder, or train one; resolve special roles."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+from tokenizers import (
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
+
+from fillmask.errors import FillmaskError
+from fillmask.masking.base import VocabInfo
+
+Algorithm = Literal["wordpiece", "bpe", "unigram"]
+
+# Names each role goes by in the common tokenizer families (BERT, RoBERTa/XLM-R, T5-like).
+ROLE_NAMES: dict[str, tuple[str, ...]] = {
+    "mask": ("[MASK]", "<mask>"),
+    "pad": ("[PAD]", "<pad>"),
+    "cls": ("[CLS]", "<s>", "<cls>"),
+    "sep": ("[SEP]", "</s>", "<sep>"),
+    "unk": ("[UNK]", "<unk>"),
+}
+HF_ROLE_KEYS = {"mask": "mask_token", "pad": "pad_token", "cls": "cls_token",
+                "sep": "sep_token", "unk": "unk_token"}
+
+
+class TokenizerError(FillmaskError):
+    """A tokenizer that fillmask cannot use, with the reason and the fix."""
+
+
+@dataclass(frozen=True)
+class TokenizerTraining:
+    """How to train a tokenizer on the training corpus when none is given."""
+
+    algorithm: Algorithm = "wordpiece"
+    """``wordpiece`` (BERT), ``bpe`` (byte-level, RoBERTa) or ``unigram`` (SentencePiece-style)."""
+    vocab_size: int = 8192
+    """Target vocabulary size, special tokens included."""
+    lowercase: bool = True
+    """Lower-case and strip accents before tokenising (uncased BERT); ignored by byte-level BPE."""
+    min_frequency: int = 2
+    """Ignore merges and pieces seen fewer times than this."""
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """The special-token roles of a tokenizer, resolved once."""
+
+    mask_id: int
+    pad_id: int
+    cls_id: int
+    sep_id: int
+    unk_id: int | None
+    special_ids: tuple[int, ...]
+
+    def vocab_info(self, vocab_size: int) -> VocabInfo:
+        return VocabInfo(vocab_size, self.mask_id, self.pad_id, self.special_ids)
+
+
+def _special_names(algorithm: Algorithm) -> list[str]:
+    if algorithm == "wordpiece":
+        return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    return ["<pad>", "<unk>", "<s>", "</s>", "<mask>"]
+
+
+def _untrained(options: TokenizerTraining) -> tuple[Tokenizer, trainers.Trainer]:
+    specials = _special_names(options.algorithm)
+    common = dict(vocab_size=options.vocab_size, special_tokens=specials, show_progress=False)
+    lower = [normalizers.NFD(), normalizers.Lowercase(), normalizers.StripAccents()]
+    if options.algorithm == "wordpiece":
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.Sequence(lower if options.lowercase else [normalizers.NFC()])
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(min_frequency=options.min_frequency, **common)
+    elif options.algorithm == "bpe":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            min_frequency=options.min_frequency,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), **common,
+        )
+    else:
+        tok = Tokenizer(models.Unigram())
+        norm = [normalizers.NFKC()] + ([normalizers.Lowercase()] if options.lowercase else [])
+        tok.normalizer = normalizers.Sequence(norm)
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(unk_token="<unk>", **common)
+    return tok, trainer
+
+
+def train_tokenizer(texts: Iterable[str], options: TokenizerTraining) -> Tokenizer:
+    """Train a tokenizer on ``texts`` and give it BERT-style ``CLS text SEP`` templates."""
+    tok, trainer = _untrained(options)
+    tok.train_from_iterator(texts, trainer=trainer)
+    _, _, cls, sep, _ = _special_names(options.algorithm)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{cls} $A {sep}",
+        pair=f"{cls} $A {sep} $B:1 {sep}:1",
+        special_tokens=[(cls, tok.token_to_id(cls)), (sep, tok.token_to_id(sep))],
+    )
+    return tok
+
+
+def load_tokenizer(path: str | Path) -> tuple[Tokenizer, dict[str, str]]:
+    """Load ``tokenizer.json`` (a file, or a transformers folder holding one).
+
+    Returns the tokenizer and the role names a transformers folder declares (may be empty).
+    """
+    path = Path(path).expanduser()
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        hint = " (a transformers folder needs a fast tokenizer's tokenizer.json)"
+        hint = hint if path.is_dir() else ""
+        raise TokenizerError(f"tokenizer file {file} does not exist{hint}; pass a tokenizer.json "
+                             "path or folder, or leave `tokenizer` empty to train one")
+    try:
+        tok = Tokenizer.from_file(str(file))
+    except Exception as error:  # the tokenizers library raises bare Exceptions
+        raise TokenizerError(f"{file} is not a valid tokenizer.json: {error}") from error
+    return tok, _declared_roles(file.parent) if path.is_dir() else {}
+
+
+def _declared_roles(folder: Path) -> dict[str, str]:
+    roles: dict[str, str] = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        file = folder / name
+        if not file.is_file():
+            continue
+        data = json.loads(file.read_text(encoding="utf-8"))
+        for role, key in HF_ROLE_KEYS.items():
+            value = data.get(key)
+            value = value.get("content") if isinstance(value, dict) else value
+            if isinstance(value, str):
+                roles.setdefault(role, value)
+    return roles
+
+
+def resolve_special_tokens(
+    tok: Tokenizer, declared: dict[str, str] | None = None, source: str = "the tokenizer"
+) -> SpecialTokens:
+    """Find the id of each special role; a missing mask, pad, cls or sep token is an error."""
+    declared = declared or {}
+    ids: dict[str, int | None] = {}
+    for role, names in ROLE_NAMES.items():
+        candidates = ((declared[role],) if role in declared else ()) + names
+        ids[role] = next((i for n in candidates if (i := tok.token_to_id(n)) is not None), None)
+    for role in ("mask", "pad", "cls", "sep"):
+        if ids[role] is None:
+            raise TokenizerError(
+                f"{source} has no {role} token (looked for {', '.join(ROLE_NAMES[role])}); "
+                "add one as a special token, e.g. tokenizer.add_special_tokens("
+                f"['{ROLE_NAMES[role][0]}']), or train a tokenizer with `fillmask tokenizer train`"
+            )
+    added = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+    special = sorted({i for n in added if (i := tok.token_to_id(n)) is not None}
+                     | {v for v in ids.values() if v is not None})
+    return SpecialTokens(ids["mask"], ids["pad"], ids["cls"], ids["sep"], ids["unk"],
+                         tuple(special))
+
+
+def batched(texts: Iterable[str], size: int = 1000) -> Iterator[list[str]]:
+    """Group ``texts`` into lists of ``size`` (the trainer's preferred input)."""
+    batch: list[str] = []
+    for text in texts:
+        batch.append(text)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
