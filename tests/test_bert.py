@@ -84,3 +84,14 @@ def test_spec_rebuilds_the_same_encoder():
 def test_bad_options_name_the_option(kwargs, message):
     with pytest.raises(ValueError, match=message):
         BertEncoder.preset("tiny", vocab_size=50, **kwargs)
+
+
+def test_sinusoidal_position_init_keeps_the_scale_and_encodes_distance():
+    encoder = BertEncoder.preset("tiny", vocab_size=50, max_positions=64,
+                                 position_init="sinusoidal")
+    table = encoder.embeddings.positions.weight.detach()
+    assert abs(table.std().item() - 0.02) < 0.004
+    similarity = table @ table.T  # (P, P): depends on the offset between positions only
+    torch.testing.assert_close(similarity.diagonal(3)[:10], similarity.diagonal(3)[20:30],
+                               atol=1e-6, rtol=1e-3)
+    assert similarity[10, 11] > similarity[10, 40]

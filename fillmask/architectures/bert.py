@@ -6,6 +6,7 @@ Shapes: B batch, T tokens, C hidden size, H heads, D head size (C = H * D).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 from fillmask.architectures.base import Encoder
 
 Norm = Literal["post", "pre"]
+PositionInit = Literal["normal", "sinusoidal"]
 
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
@@ -26,6 +28,16 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 
 ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
+
+
+def sinusoidal_table(positions: int, width: int) -> torch.Tensor:
+    """The sine/cosine position table of Vaswani et al., amplitude 1: (positions, width)."""
+    position = torch.arange(positions, dtype=torch.float32)[:, None]  # (P, 1)
+    frequency = torch.exp(torch.arange(0, width, 2) * (-math.log(10000.0) / width))  # (W/2,)
+    table = torch.zeros(positions, width)
+    table[:, 0::2] = torch.sin(position * frequency)
+    table[:, 1::2] = torch.cos(position * frequency[: width // 2])
+    return table
 
 
 class BertEmbeddings(nn.Module):
@@ -145,6 +157,7 @@ class BertEncoder(Encoder):
         layer_norm_eps: float = 1e-12,
         bias: bool = True,
         initializer_range: float = 0.02,
+        position_init: PositionInit = "normal",
     ) -> None:
         """Build the encoder.
 
@@ -163,6 +176,9 @@ class BertEncoder(Encoder):
             layer_norm_eps: LayerNorm epsilon.
             bias: Whether linear layers have biases.
             initializer_range: Standard deviation of the normal weight initialisation.
+            position_init: ``normal`` (BERT) or ``sinusoidal``: start the learned position
+                table from sines and cosines of the same standard deviation, which gives small
+                models a sense of token distance from step 0 (it stays trainable).
         """
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -186,6 +202,13 @@ class BertEncoder(Encoder):
         )
         self.final_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps) if norm == "pre" else None
         self.apply(self._init_weights)
+        if position_init == "sinusoidal":
+            table = sinusoidal_table(max_positions, hidden_size) * initializer_range * math.sqrt(2)
+            with torch.no_grad():
+                self.embeddings.positions.weight.copy_(table)
+        elif position_init != "normal":
+            raise ValueError(f"position_init={position_init!r} is unknown; use 'normal' or "
+                             "'sinusoidal'")
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> BertEncoder:
