@@ -8,21 +8,31 @@ from torch import nn
 
 
 class MLMHead(nn.Module):
-    """Transform (Linear -> GELU -> LayerNorm) then decode with the tied token embedding + bias.
+    """Transform (Linear -> GELU -> LayerNorm) then decode to the vocabulary, plus a bias.
 
-    The layout is BERT's, so weights map one to one onto ``BertForMaskedLM``. Call it on the
-    hidden states of masked positions only (N, C): decoding every position would spend most of
-    the step on a (B*T, V) matmul whose rows the loss ignores.
+    The decoder is the token embedding itself (``tied``, as BERT) or a matrix of its own. The
+    layout is BERT's, so weights map one to one onto ``BertForMaskedLM``. Call it on the hidden
+    states of masked positions only (N, C): decoding every position would spend most of the step
+    on a (B*T, V) matmul whose rows the loss ignores.
     """
 
-    def __init__(self, embedding: nn.Embedding, eps: float = 1e-12) -> None:
+    def __init__(
+        self, embedding: nn.Embedding, tied: bool = True, eps: float = 1e-12, init_std: float = 0.02
+    ) -> None:
         super().__init__()
         vocab_size, hidden_size = embedding.weight.shape
         self.dense = nn.Linear(hidden_size, hidden_size)
         self.norm = nn.LayerNorm(hidden_size, eps=eps)
-        self.embedding = embedding  # tied: the decoder weight is the input embedding
+        self.embedding = embedding if tied else None
+        own = None if tied else nn.Parameter(torch.randn(vocab_size, hidden_size) * init_std)
+        self.decoder = own
         self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    @property
+    def decoder_weight(self) -> torch.Tensor:
+        """The (V, C) output matrix: the token embedding when tied."""
+        return self.embedding.weight if self.decoder is None else self.decoder
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         x = self.norm(F.gelu(self.dense(hidden)))  # (N, C)
-        return F.linear(x, self.embedding.weight, self.bias)  # (N, V)
+        return F.linear(x, self.decoder_weight, self.bias)  # (N, V)

@@ -95,3 +95,10 @@ def test_sinusoidal_position_init_keeps_the_scale_and_encodes_distance():
     torch.testing.assert_close(similarity.diagonal(3)[:10], similarity.diagonal(3)[20:30],
                                atol=1e-6, rtol=1e-3)
     assert similarity[10, 11] > similarity[10, 40]
+
+
+def test_embedding_norm_can_be_dropped_for_pre_ln():
+    encoder = BertEncoder.preset("tiny", vocab_size=50, norm="pre", embedding_norm=False)
+    assert isinstance(encoder.embeddings.norm, torch.nn.Identity)
+    with pytest.raises(ValueError, match="embedding LayerNorm"):
+        bert_config_dict(encoder)

@@ -31,7 +31,8 @@ def short_quickstart(steps: int) -> list[str]:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cwd = tmp_path_factory.mktemp("quickstart")
-    fillmask(*short_quickstart(20), cwd=cwd)
+    result = fillmask(*short_quickstart(20), cwd=cwd)
+    (cwd / "output.txt").write_text(result.stdout + result.stderr)
     return cwd
 
 
@@ -48,6 +49,8 @@ def test_quickstart_trains_and_writes_checkpoint_and_logs(quickstart_run):
     assert ckpt["fillmask"]["encoder"]["init_args"]["vocab_size"] % 64 == 0
     assert list((quickstart_run / "tensorboard").glob("events.out.tfevents.*"))
     assert (quickstart_run / "tensorboard" / "config.yaml").is_file()
+    output = (quickstart_run.parents[1] / "output.txt").read_text()
+    assert "fit done: 20 steps" in output and "accuracy" in output
 
 
 def test_fill_prints_top_k_candidates_as_json(quickstart_run):
@@ -97,3 +100,16 @@ def test_fill_with_missing_checkpoint(tmp_path):
     result = fillmask("fill", "--checkpoint", str(tmp_path / "none.ckpt"), "a [MASK]",
                       cwd=tmp_path, check=False)
     assert result.returncode == 2 and "none.ckpt does not exist" in result.stderr
+
+
+def test_tokenizer_without_mask_token_is_one_clear_line(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    path = tmp_path / "nomask.json"
+    Tokenizer(models.WordLevel({"[PAD]": 0, "[CLS]": 1, "[SEP]": 2, "[UNK]": 3},
+                               unk_token="[UNK]")).save(str(path))
+    result = fillmask("fit", "--config", str(ROOT / "configs" / "quickstart.yaml"),
+                      "--data.tokenizer", str(path), cwd=tmp_path, check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "nomask.json has no mask token" in result.stderr
+    assert "Traceback" not in result.stderr

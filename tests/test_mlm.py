@@ -81,3 +81,14 @@ def test_tiny_model_learns_on_small_corpus(small_corpus, tmp_path):
     trainer.fit(model, datamodule=dm)
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.5
     assert trainer.callback_metrics["val/accuracy"] > 0.05
+
+
+def test_untied_decoder_has_its_own_weight_and_gets_gradients():
+    model = tiny_model(tie_embeddings=False)
+    assert model.head.decoder_weight is not model.encoder.token_embedding().weight
+    ids = torch.randint(5, 128, (2, 16))
+    labels = torch.where(torch.rand(2, 16) < 0.5, ids, torch.full_like(ids, IGNORE_INDEX))
+    model({"input_ids": ids, "labels": labels})[0].backward()
+    assert model.head.decoder.grad is not None and model.head.decoder.grad.abs().sum() > 0
+    names = [n for n, _ in model.named_parameters()]
+    assert "head.decoder" in names and len(names) == len(set(names))

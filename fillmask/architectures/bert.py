@@ -41,7 +41,7 @@ def sinusoidal_table(positions: int, width: int) -> torch.Tensor:
 
 
 class BertEmbeddings(nn.Module):
-    """Token + learned position + token-type embeddings, then LayerNorm and dropout."""
+    """Token + learned position + token-type embeddings, then LayerNorm (optional) and dropout."""
 
     def __init__(
         self,
@@ -51,12 +51,13 @@ class BertEmbeddings(nn.Module):
         type_vocab_size: int,
         dropout: float,
         eps: float,
+        norm: bool = True,
     ) -> None:
         super().__init__()
         self.tokens = nn.Embedding(vocab_size, hidden_size)
         self.positions = nn.Embedding(max_positions, hidden_size)
         self.token_types = nn.Embedding(max(type_vocab_size, 1), hidden_size)
-        self.norm = nn.LayerNorm(hidden_size, eps=eps)
+        self.norm = nn.LayerNorm(hidden_size, eps=eps) if norm else nn.Identity()
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
@@ -158,6 +159,7 @@ class BertEncoder(Encoder):
         bias: bool = True,
         initializer_range: float = 0.02,
         position_init: PositionInit = "normal",
+        embedding_norm: bool = True,
     ) -> None:
         """Build the encoder.
 
@@ -179,6 +181,8 @@ class BertEncoder(Encoder):
             position_init: ``normal`` (BERT) or ``sinusoidal``: start the learned position
                 table from sines and cosines of the same standard deviation, which gives small
                 models a sense of token distance from step 0 (it stays trainable).
+            embedding_norm: LayerNorm on the summed embeddings (BERT). Pre-LN blocks normalise
+                their input anyway; without it, small pre-LN models learn markedly faster.
         """
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -191,7 +195,8 @@ class BertEncoder(Encoder):
         self.max_positions = max_positions
         self.initializer_range = initializer_range
         self.embeddings = BertEmbeddings(
-            vocab_size, hidden_size, max_positions, type_vocab_size, dropout, layer_norm_eps
+            vocab_size, hidden_size, max_positions, type_vocab_size, dropout, layer_norm_eps,
+            embedding_norm,
         )
         self.blocks = nn.ModuleList(
             BertBlock(

@@ -11,8 +11,9 @@ from fillmask.heads import MLMHead
 def bert_config_dict(encoder: BertEncoder) -> dict[str, object]:
     """The transformers ``BertConfig`` fields that describe ``encoder`` (post-LN only)."""
     args = encoder.spec()["init_args"]
-    if args["norm"] != "post":
-        raise ValueError("only post-LN BertEncoders have a transformers BertModel equivalent")
+    if args["norm"] != "post" or not args["embedding_norm"]:
+        raise ValueError("only post-LN BertEncoders with an embedding LayerNorm have a "
+                         "transformers BertModel equivalent")
     activation = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}[args["activation"]]
     return {
         "vocab_size": args["vocab_size"], "hidden_size": args["hidden_size"],
@@ -56,7 +57,7 @@ def mlm_head_state_dict_to_hf(head: MLMHead) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     _linear(out, "cls.predictions.transform.dense", head.dense)
     _norm(out, "cls.predictions.transform.LayerNorm", head.norm)
-    out["cls.predictions.decoder.weight"] = head.embedding.weight
+    out["cls.predictions.decoder.weight"] = head.decoder_weight
     out["cls.predictions.bias"] = head.bias
     out["cls.predictions.decoder.bias"] = head.bias
     return {k: v.detach().clone() for k, v in out.items()}

@@ -32,6 +32,7 @@ class MaskedLM(L.LightningModule):
         schedule: Schedule = "linear",
         min_lr_ratio: float = 0.0,
         total_steps: int | None = None,
+        tie_embeddings: bool = True,
     ) -> None:
         """Configure the objective.
 
@@ -48,11 +49,14 @@ class MaskedLM(L.LightningModule):
             total_steps: Length of the schedule in optimiser steps; defaults to the trainer's
                 (``max_steps`` or epochs). Set it when one schedule spans several runs, as
                 BERT's sequence-128 and sequence-512 phases do.
+            tie_embeddings: Decode with the input token embedding (BERT) or, when false, with
+                an output matrix of its own (learns faster in small, short runs; exports as
+                ``BertForMaskedLM`` with ``tie_word_embeddings: false``).
         """
         super().__init__()
         self.save_hyperparameters(ignore=["encoder"])
         self.encoder = encoder
-        self.head = MLMHead(encoder.token_embedding())
+        self.head = MLMHead(encoder.token_embedding(), tied=tie_embeddings)
         self.val_loss = MeanMetric()
         self.val_accuracy = MulticlassAccuracy(
             num_classes=encoder.vocab_size, average="micro", ignore_index=IGNORE_INDEX
