@@ -113,3 +113,18 @@ def test_tokenizer_without_mask_token_is_one_clear_line(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "nomask.json has no mask token" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("algorithm,mask", [("wordpiece", "[MASK]"), ("bpe", "<mask>"),
+                                            ("unigram", "<mask>")])
+def test_tokenizer_train_writes_a_usable_tokenizer(small_corpus, tmp_path, algorithm, mask):
+    output = tmp_path / "tok.json"
+    result = fillmask("tokenizer", "train", "--corpus", str(small_corpus), "--algorithm",
+                      algorithm, "--vocab-size", "500", "--output", str(output), cwd=tmp_path)
+    assert f"wrote {output}" in result.stdout
+    from fillmask.data.tokenize import load_tokenizer, resolve_special_tokens
+
+    tok, _ = load_tokenizer(output)
+    special = resolve_special_tokens(tok)
+    assert tok.id_to_token(special.mask_id) == mask
+    assert tok.get_vocab_size() <= 500
