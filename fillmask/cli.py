@@ -16,8 +16,6 @@ from fillmask.errors import FillmaskError
 from fillmask.masking.token import TokenMasking  # noqa: F401
 from fillmask.objectives.mlm import MaskedLM
 
-TOOLS = ("fill", "tokenizer")
-
 
 class FillmaskCLI(LightningCLI):
     """LightningCLI with the tokenizer's vocabulary linked into the encoder."""
