@@ -57,7 +57,11 @@ def fill_main(argv: list[str]) -> int:
     if missing:
         parser.error(f"input {missing[0]!r} has no {mask} token; write {mask} where a word is "
                      "missing")
-    for text, masks in zip(args.inputs, model.fill(args.inputs, args.top_k), strict=True):
+    try:
+        filled = model.fill(args.inputs, args.top_k)
+    except FillmaskError as error:
+        parser.error(str(error))
+    for text, masks in zip(args.inputs, filled, strict=True):
         if args.json:
             print(json.dumps({"input": text, "masks": masks}))
             continue

@@ -78,8 +78,8 @@ class FillMaskModel:
         width = max(len(e.ids) for e in encodings)
         limit = self.model.encoder.max_positions
         if width > limit:
-            raise ValueError(f"an input has {width} tokens, more than the model's {limit} "
-                             "positions; shorten it")
+            raise FillmaskError(f"an input has {width} tokens, more than the model's {limit} "
+                                "positions; shorten it")
         ids = torch.full((len(texts), width), self.special.pad_id)
         for row, e in enumerate(encodings):
             ids[row, : len(e.ids)] = torch.tensor(e.ids)

@@ -75,6 +75,14 @@ def test_fill_plain_text_and_input_without_mask(quickstart_run):
     assert bad.returncode == 2 and "has no [MASK] token" in bad.stderr
 
 
+def test_fill_input_longer_than_the_model_is_one_clear_line(quickstart_run):
+    last = str(quickstart_run / "checkpoints" / "last.ckpt")
+    long = "word " * 200 + "[MASK]"
+    result = fillmask("fill", "--checkpoint", last, long, cwd=quickstart_run, check=False)
+    assert result.returncode == 2 and "more than the model's 64 positions" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_fit_again_with_ckpt_path_last_resumes(quickstart_run):
     fillmask(*short_quickstart(30), "--ckpt_path", "last", cwd=quickstart_run.parents[1])
     ckpt = torch.load(quickstart_run / "checkpoints" / "last.ckpt", map_location="cpu",
