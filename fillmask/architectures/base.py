@@ -55,6 +55,17 @@ class Encoder(nn.Module):
         """The input token embedding, to which MLM decoders tie their weights."""
         raise NotImplementedError
 
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs (forward + backward) per token at sequence length ``seq_len``.
+
+        The default counts 6 FLOPs per weight of every matrix outside the embeddings; encoders
+        add their attention term (see :class:`~fillmask.architectures.bert.BertEncoder`).
+        """
+        embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        matrices = (p for p in self.parameters() if p.ndim >= 2 and id(p) not in embeddings)
+        weights = sum(p.numel() for p in matrices)
+        return 6.0 * weights
+
     def forward(
         self,
         input_ids: torch.Tensor,

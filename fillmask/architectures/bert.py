@@ -231,6 +231,15 @@ class BertEncoder(Encoder):
     def token_embedding(self) -> nn.Embedding:
         return self.embeddings.tokens
 
+    def flops_per_token(self, seq_len: int) -> float:
+        """Matmul FLOPs per token (forward + backward): weights plus attention scores and mix.
+
+        Each layer's attention does Q K^T and A V, 2 * T * C multiply-adds each per token;
+        backward costs twice forward, hence 3 * 2 * 2 * T * C per layer.
+        """
+        attention = 12.0 * len(self.blocks) * seq_len * self.hidden_size
+        return super().flops_per_token(seq_len) + attention
+
     def forward(
         self,
         input_ids: torch.Tensor,

@@ -1,0 +1,48 @@
+"""Callbacks: throughput and utilisation logging, the end-of-fit summary."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from fillmask.architectures.bert import BertEncoder
+from fillmask.callbacks import FitSummary, Throughput, measure_matmul_peak
+from fillmask.data.datamodule import MaskedLMDataModule
+from fillmask.data.tokenize import TokenizerTraining
+from fillmask.objectives.mlm import MaskedLM
+
+
+def test_bert_flops_per_token_counts_weights_and_attention():
+    encoder = BertEncoder.preset("tiny", vocab_size=100, max_positions=64)
+    C, F, L_ = 32, 64, 2
+    per_layer = 3 * C * C + C * C + 2 * C * F  # qkv, out, ffn up and down
+    assert encoder.flops_per_token(16) == pytest.approx(6 * L_ * per_layer + 12 * L_ * 16 * C)
+
+
+def test_matmul_peak_is_positive():
+    assert measure_matmul_peak(torch.device("cpu"), torch.float32, size=128, repeats=2) > 0
+
+
+def test_throughput_and_summary_are_logged(small_corpus, tmp_path, caplog):
+    dm = MaskedLMDataModule(corpus=str(small_corpus), max_length=32, batch_size=8,
+                            tokenizer_training=TokenizerTraining(vocab_size=600))
+    encoder = BertEncoder.preset("tiny", vocab_size=dm.vocab_size, max_positions=32)
+    seen: list[dict[str, float]] = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            seen.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+    trainer = L.Trainer(max_steps=6, log_every_n_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, limit_val_batches=2, val_check_interval=6,
+                        num_sanity_val_steps=0, default_root_dir=tmp_path,
+                        callbacks=[Throughput(), FitSummary(), Record()])
+    with caplog.at_level("INFO"):
+        trainer.fit(MaskedLM(encoder), datamodule=dm)
+    last = seen[-1]
+    assert last["throughput/tokens_per_sec"] > 0
+    tokens = last["throughput/tokens_per_sec"]
+    assert last["throughput/real_tokens_per_sec"] == pytest.approx(tokens)  # packed: no padding
+    assert 0 < last["throughput/utilisation"] < 1.5
+    assert "fit done: 6 steps" in caplog.text and "validation: accuracy" in caplog.text
