@@ -60,9 +60,10 @@ def test_masks_are_dynamic_across_epochs_and_validation_is_fixed(small_corpus):
     dm = datamodule(small_corpus)
     first = masks_by_sample(dm.train_dataloader(), 0)
     second = masks_by_sample(dm.train_dataloader(), 1)
-    assert set(first) == set(second)
-    changed = sum(first[i][1] != second[i][1] for i in first)
-    assert changed > 0.9 * len(first)
+    common = set(first) & set(second)  # drop_last trims a different tail each epoch
+    assert len(common) > 0.9 * len(first)
+    changed = sum(first[i][1] != second[i][1] for i in common)
+    assert changed > 0.9 * len(common)
     val = dm.val_dataloader()
     assert masks_by_sample(val, 0) == masks_by_sample(val, 5)
 
