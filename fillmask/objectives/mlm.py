@@ -90,21 +90,21 @@ class MaskedLM(L.LightningModule):
         self.val_accuracy.update(logits, targets)
 
     def on_validation_epoch_end(self) -> None:
-        loss = self.val_loss.compute()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-        self.log("val/perplexity", torch.exp(loss), sync_dist=True)
-        self.log("val/accuracy", self.val_accuracy.compute(), prog_bar=True, sync_dist=True)
-        self.val_loss.reset()
-        self.val_accuracy.reset()
+        self._log_evaluation("val", prog_bar=True)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)
 
     def on_test_epoch_end(self) -> None:
+        self._log_evaluation("test", prog_bar=False)
+
+    def _log_evaluation(self, split: str, prog_bar: bool) -> None:
+        """Log loss, perplexity and masked-token accuracy over the epoch, then reset them."""
         loss = self.val_loss.compute()
-        self.log("test/loss", loss, sync_dist=True)
-        self.log("test/perplexity", torch.exp(loss), sync_dist=True)
-        self.log("test/accuracy", self.val_accuracy.compute(), sync_dist=True)
+        self.log(f"{split}/loss", loss, prog_bar=prog_bar, sync_dist=True)
+        self.log(f"{split}/perplexity", torch.exp(loss), sync_dist=True)
+        self.log(f"{split}/accuracy", self.val_accuracy.compute(), prog_bar=prog_bar,
+                 sync_dist=True)
         self.val_loss.reset()
         self.val_accuracy.reset()
 
