@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 
 from fillmask.architectures.bert import BertEncoder
 from fillmask.heads import MLMHead
 from fillmask.interop.hf import bert_config_dict, bert_state_dict_to_hf, mlm_head_state_dict_to_hf
-
-transformers = pytest.importorskip("transformers")
 
 
 def tiny(**overrides) -> BertEncoder:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -20,15 +21,19 @@ class VocabInfo:
     pad_id: int
     special_ids: tuple[int, ...]
 
+    @cached_property
+    def _specials(self) -> torch.Tensor:
+        return torch.tensor(sorted(set(self.special_ids) | {self.pad_id}))
+
     def special_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """True where ``input_ids`` holds a special token (padding included)."""
-        specials = torch.tensor(self.special_ids + (self.pad_id,), dtype=input_ids.dtype)
-        return torch.isin(input_ids, specials)
+        return torch.isin(input_ids, self._specials.to(input_ids.device, input_ids.dtype))
 
+    @cached_property
     def ordinary_ids(self) -> torch.Tensor:
-        """Every id that is not special: the pool random replacements are drawn from."""
+        """Every id that is not special: the pool random replacements are drawn from (cached)."""
         keep = torch.ones(self.vocab_size, dtype=torch.bool)
-        keep[list(set(self.special_ids) | {self.pad_id})] = False
+        keep[self._specials] = False
         return keep.nonzero().squeeze(1)
 
 

@@ -42,12 +42,6 @@ class TokenMasking(Masking):
         self.mask_fraction = mask_fraction
         self.random_fraction = random_fraction
         self.eval_rate = rate if eval_rate is None else eval_rate
-        self._pools: dict[VocabInfo, torch.Tensor] = {}
-
-    def _pool(self, vocab: VocabInfo) -> torch.Tensor:
-        if vocab not in self._pools:
-            self._pools[vocab] = vocab.ordinary_ids()
-        return self._pools[vocab]
 
     def __call__(
         self, input_ids: torch.Tensor, rng: SampleRandom, vocab: VocabInfo, train: bool = True
@@ -59,7 +53,7 @@ class TokenMasking(Masking):
         to_mask = selected & (decide < self.mask_fraction)
         to_random = selected & (decide >= self.mask_fraction)
         to_random &= decide < self.mask_fraction + self.random_fraction
-        pool = self._pool(vocab)
+        pool = vocab.ordinary_ids
         random_ids = pool[rng.integers(T, REPLACE, len(pool))].to(input_ids.dtype)
         corrupted = torch.where(to_mask, torch.full_like(input_ids, vocab.mask_id), input_ids)
         corrupted = torch.where(to_random, random_ids, corrupted)
