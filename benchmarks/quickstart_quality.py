@@ -21,7 +21,7 @@ import datasets
 import torch
 
 from fillmask.data.embedded import docstring_documents
-from fillmask.data.packing import BlockPacker
+from fillmask.data.packing import ChunkPacking
 from fillmask.inference import FillMaskModel
 from fillmask.masking.random import SampleRandom
 from fillmask.masking.token import TokenMasking
@@ -37,8 +37,9 @@ def package_root(name: str) -> Path:
 def held_out_blocks(fm: FillMaskModel, package: str, max_tokens: int) -> torch.Tensor:
     docs = docstring_documents(package_root(package), package)
     length = min(fm.model.encoder.max_positions, 128)
-    packer = BlockPacker(fm.tokenizer, fm.special, length)
-    blocks = packer({"text": [d.text for d in docs]})["input_ids"]
+    texts = [d.text for d in docs]
+    blocks = ChunkPacking().pack(texts, list(range(len(texts))), fm.tokenizer, fm.special,
+                                 length, seed=0)["input_ids"]
     rows = torch.tensor([list(b) for b in blocks[: max_tokens // length]], dtype=torch.long)
     return rows  # (N, T)
 
@@ -50,13 +51,14 @@ def evaluate(fm: FillMaskModel, blocks: torch.Tensor, batch_size: int = 64) -> d
     predictions, targets = [], []
     for start in range(0, len(blocks), batch_size):
         ids = blocks[start : start + batch_size]
-        rng = SampleRandom(seed=1234, epoch=0, sample_ids=torch.arange(start, start + len(ids)))
-        masked = masking(ids, rng, vocab)
-        hidden = fm.model.encoder(masked.input_ids)
-        selected = masked.labels != -100
+        rng = SampleRandom(seed=1234, epoch=0, sample_ids=range(start, start + len(ids)))
+        masked = masking(ids.numpy(), rng, vocab)
+        labels = torch.from_numpy(masked.labels)
+        hidden = fm.model.encoder(torch.from_numpy(masked.input_ids))
+        selected = labels != -100
         logits = fm.model.head(hidden[selected])[:, : vocab.vocab_size]
         predictions.append(logits.argmax(-1))
-        targets.append(masked.labels[selected])
+        targets.append(labels[selected])
     pred, gold = torch.cat(predictions), torch.cat(targets)
     majority_id, majority_count = Counter(gold.tolist()).most_common(1)[0]
     accuracy = (pred == gold).float().mean().item()

@@ -1,4 +1,5 @@
-"""The `fillmask` command: LightningCLI (fit/validate/test/predict) plus fill and tokenizer."""
+"""The `fillmask` command: LightningCLI (fit/validate/test/predict) plus fill, inspect and
+tokenizer."""
 
 from __future__ import annotations
 
@@ -12,8 +13,17 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 # Imported so that short class names (`class_path: BertEncoder`) resolve in YAML.
 from fillmask.architectures.bert import BertEncoder  # noqa: F401
 from fillmask.data.datamodule import MaskedLMDataModule
+from fillmask.data.mixture import CorpusSource  # noqa: F401
+from fillmask.data.packing import (  # noqa: F401
+    ChunkPacking,
+    DocumentPacking,
+    LinePacking,
+    SentencePairs,
+)
 from fillmask.errors import FillmaskError
+from fillmask.masking.span import SpanMasking  # noqa: F401
 from fillmask.masking.token import TokenMasking  # noqa: F401
+from fillmask.masking.whole_word import WholeWordMasking  # noqa: F401
 from fillmask.objectives.mlm import MaskedLM
 
 
@@ -106,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         return fill_main(words[1:])
     if words and words[0] == "tokenizer":
         return tokenizer_main(words[1:])
+    if words and words[0] == "inspect":
+        from fillmask.inspection import inspect_main
+
+        return inspect_main(words[1:])
     try:
         run_lightning(argv)
     except FillmaskError as error:

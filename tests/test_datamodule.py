@@ -40,7 +40,7 @@ def masks_by_sample(loader, epoch: int = 0) -> dict[int, tuple[list[int], list[i
 
 def test_blocks_are_packed_with_cls_and_sep(small_corpus):
     dm = datamodule(small_corpus)
-    blocks = dm.blocks["train"].with_format("numpy")[:]["input_ids"]
+    blocks = dm.samples["train"].with_format("numpy")[:]["input_ids"]
     special = dm.special_tokens
     assert blocks.shape[1] == 32 and len(blocks) > 100
     assert (blocks[:, 0] == special.cls_id).all() and (blocks[:, -1] == special.sep_id).all()
@@ -71,7 +71,7 @@ def test_masks_are_dynamic_across_epochs_and_validation_is_fixed(small_corpus):
 def test_every_training_sample_seen_once_per_epoch(small_corpus):
     dm = datamodule(small_corpus, batch_size=1)
     seen = masks_by_sample(dm.train_dataloader())
-    assert sorted(seen) == list(range(len(dm.blocks["train"])))
+    assert sorted(seen) == list(range(len(dm.samples["train"])))
     labels = torch.tensor([lab for _, lab in seen.values()])
     assert 0.12 < (labels != IGNORE_INDEX).float().mean() < 0.16  # 15% of non-special tokens
 

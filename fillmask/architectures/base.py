@@ -71,6 +71,32 @@ class Encoder(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Encode ``input_ids`` (B, T); ``attention_mask`` (B, T) is True on real tokens."""
+        """Encode ``input_ids`` (B, T).
+
+        ``attention_mask`` (B, T) is True on real tokens. Document-packed batches add
+        ``position_ids`` (B, T), restarting at 0 in each document, and ``document_ids`` (B, T)
+        (-1 on padding): a token attends only to tokens of its own document.
+        """
         raise NotImplementedError
+
+
+def encoder_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+    """The fields of a collated batch that encoders take, by keyword."""
+    keys = ("attention_mask", "token_type_ids", "position_ids", "document_ids")
+    return {key: batch.get(key) for key in keys}
+
+
+def pairwise_mask(
+    attention_mask: torch.Tensor | None, document_ids: torch.Tensor | None
+) -> torch.Tensor | None:
+    """Boolean attention mask for ``scaled_dot_product_attention``: (B, 1, 1, T) from padding,
+    or (B, 1, T, T) block-diagonal from document ids (padding forms its own block, so no row
+    is empty)."""
+    if document_ids is not None:
+        return (document_ids[:, :, None] == document_ids[:, None, :])[:, None]
+    if attention_mask is not None:
+        return attention_mask.bool()[:, None, None, :]
+    return None

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fillmask.architectures.base import Encoder
+from fillmask.architectures.base import Encoder, pairwise_mask
 
 Norm = Literal["post", "pre"]
 PositionInit = Literal["normal", "sinusoidal"]
@@ -60,10 +60,11 @@ class BertEmbeddings(nn.Module):
         self.norm = nn.LayerNorm(hidden_size, eps=eps) if norm else nn.Identity()
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
-        T = input_ids.shape[1]
-        positions = torch.arange(T, device=input_ids.device)
-        x = self.tokens(input_ids) + self.positions(positions)  # (B, T, C)
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.tokens(input_ids) + self.positions(position_ids)  # (B, T, C)
         if token_type_ids is None:
             x = x + self.token_types.weight[0]
         else:
@@ -245,9 +246,15 @@ class BertEncoder(Encoder):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = self.embeddings(input_ids, token_type_ids)  # (B, T, C)
-        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        if input_ids.shape[1] > self.max_positions:
+            raise ValueError(f"a batch of {input_ids.shape[1]} tokens exceeds max_positions="
+                             f"{self.max_positions}; lower the data's max_length or raise "
+                             "max_positions")
+        x = self.embeddings(input_ids, token_type_ids, position_ids)  # (B, T, C)
+        mask = pairwise_mask(attention_mask, document_ids)  # (B, 1, 1 | T, T)
         for block in self.blocks:
             x = block(x, mask)
         return x if self.final_norm is None else self.final_norm(x)  # (B, T, C)

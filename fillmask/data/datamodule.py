@@ -1,22 +1,27 @@
-"""The MLM DataModule: corpus -> tokenizer -> packed blocks -> stateful loader -> masked batches."""
+"""The MLM DataModule: corpus -> tokenizer -> packed samples -> stateful loader -> masked
+batches."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from functools import cached_property
-from typing import Any
+from typing import Any, Literal
 
 import datasets
 import lightning as L
 import numpy as np
+import pyarrow.compute as pc
 import torch
 from filelock import FileLock
 from tokenizers import Tokenizer
 from torch.utils.data import Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from fillmask.data.collate import MaskingCollator
 from fillmask.data.corpus import SampleBy, load_corpus
-from fillmask.data.packing import pack_corpus
+from fillmask.data.mixture import CorpusSource, MixtureSampler, mixture_probabilities
+from fillmask.data.packing import ChunkPacking, Packing, pack_corpus, packing_efficiency
 from fillmask.data.tokenize import (
     SpecialTokens,
     TokenizerTraining,
@@ -26,9 +31,13 @@ from fillmask.data.tokenize import (
     train_tokenizer,
 )
 from fillmask.masking.base import Masking, VocabInfo
-from fillmask.masking.random import SampleRandom, mix64
+from fillmask.masking.random import derive_seed
 from fillmask.masking.token import TokenMasking
 from fillmask.paths import cache_root
+
+log = logging.getLogger(__name__)
+
+MaskingMode = Literal["dynamic", "static"]
 
 
 class EpochSampler(Sampler[tuple[int, int]]):
@@ -53,66 +62,53 @@ class EpochSampler(Sampler[tuple[int, int]]):
     def __iter__(self):
         if not self.shuffle:
             return ((self.epoch, i) for i in range(self.size))
-        key = mix64(torch.tensor([self.seed * 1_000_003 + self.epoch])).item()
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(key))
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
+        order = torch.randperm(self.size, generator=generator)
         return ((self.epoch, i) for i in order.tolist())
 
 
 class BlockDataset(Dataset):
-    """Packed token blocks, read from memory-mapped Arrow by ``(epoch, index)`` keys."""
+    """Packed samples, read from memory-mapped Arrow by ``(epoch, sample id)`` keys.
 
-    def __init__(self, blocks: datasets.Dataset) -> None:
-        self.blocks = blocks.with_format("numpy")
+    Sample ids may exceed the dataset (a mixture's repeats); rows are read at ``id % len``.
+    """
+
+    def __init__(self, samples: datasets.Dataset) -> None:
+        self.samples = samples.with_format("numpy")
 
     def __len__(self) -> int:
-        return len(self.blocks)
+        return len(self.samples)
 
     def __getitems__(self, keys: list[tuple[int, int]]) -> dict[str, Any]:
         epochs, ids = zip(*keys, strict=True)
-        rows = self.blocks[list(ids)]["input_ids"]
-        return {"input_ids": np.stack(rows).astype(np.int64), "sample_id": np.asarray(ids),
-                "epoch": np.asarray(epochs)}
+        ids = np.asarray(ids, dtype=np.int64)
+        rows = self.samples[(ids % len(self.samples)).tolist()]
+        return {**rows, "sample_id": ids, "epoch": np.asarray(epochs)}
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         return self.__getitems__([key])
 
 
-class MaskingCollator:
-    """Masks a fetched batch with randomness keyed by (seed, epoch, sample id)."""
-
-    def __init__(self, masking: Masking, vocab: VocabInfo, seed: int, train: bool) -> None:
-        self.masking = masking
-        self.vocab = vocab
-        self.seed = seed
-        self.train = train
-
-    def __call__(self, fetched: dict[str, Any]) -> dict[str, torch.Tensor]:
-        input_ids = torch.from_numpy(fetched["input_ids"])  # (B, T)
-        sample_ids = torch.from_numpy(fetched["sample_id"]).long()
-        epoch = int(fetched["epoch"][0]) if self.train else 0
-        rng = SampleRandom(self.seed, epoch, sample_ids)
-        masked = self.masking(input_ids, rng, self.vocab, train=self.train)
-        batch = {"input_ids": masked.input_ids, "labels": masked.labels, "sample_id": sample_ids}
-        padding = input_ids == self.vocab.pad_id
-        if padding.any():
-            batch["attention_mask"] = ~padding
-        return batch
-
-
 class MaskedLMDataModule(L.LightningDataModule):
-    """Masked-language-model data: any corpus, any tokenizer, any masking scheme."""
+    """Masked-language-model data: any corpus or mixture, any tokenizer, packing and masking."""
 
     def __init__(
         self,
         corpus: str | list[str] = "python-docs",
         text_column: str = "text",
         sample_by: SampleBy = "paragraph",
+        mixture: list[CorpusSource] | None = None,
+        mixture_alpha: float = 1.0,
         tokenizer: str | None = None,
         tokenizer_training: TokenizerTraining | None = None,
         max_length: int = 128,
+        packing: Packing | None = None,
+        pad_to_multiple_of: int = 8,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         masking: Masking | None = None,
+        masking_mode: MaskingMode = "dynamic",
+        duplication_factor: int = 1,
         num_workers: int = 0,
         seed: int = 0,
         validation_fraction: float = 0.05,
@@ -123,17 +119,30 @@ class MaskedLMDataModule(L.LightningDataModule):
 
         Args:
             corpus: An embedded corpus name (``python-docs``), a saved `datasets` folder, or
-                text/JSONL/Parquet files and globs.
+                text/JSONL/Parquet files and globs. Ignored when ``mixture`` is given.
             text_column: The column holding the text in JSONL, Parquet and saved datasets.
             sample_by: How plain-text files are split into documents: ``line``, ``paragraph``
                 (blank-line separated) or ``document`` (one per file).
+            mixture: Several corpora sampled together (each with its own weight, or weighted by
+                size and ``mixture_alpha``).
+            mixture_alpha: Temperature of mixture sampling when no weight is given:
+                q_i ~ (n_i / n) ** alpha; 1 keeps proportions, XLM-R used 0.3.
             tokenizer: A ``tokenizer.json`` file or a transformers folder. Empty: train one on
                 the training split with ``tokenizer_training`` (cached by corpus and settings).
             tokenizer_training: Algorithm and vocabulary size when a tokenizer is trained.
-            max_length: Tokens per packed block, CLS and SEP included.
-            batch_size: Blocks per training batch (per device).
-            eval_batch_size: Blocks per validation batch; defaults to ``batch_size``.
+            max_length: Most tokens per sample, CLS and SEP included.
+            packing: How documents become samples: ``ChunkPacking`` (default; concatenate and
+                cut), ``LinePacking``, ``DocumentPacking`` (no attention across documents) or
+                ``SentencePairs`` (NSP/SOP).
+            pad_to_multiple_of: Variable-length batches are padded to the longest sample,
+                rounded up to this.
+            batch_size: Samples per training batch (per device).
+            eval_batch_size: Samples per validation batch; defaults to ``batch_size``.
             masking: The masking scheme; defaults to BERT's token masking (15%, 80/10/10).
+            masking_mode: ``dynamic`` masks every epoch afresh (RoBERTa); ``static`` keeps each
+                sample's masks across epochs (original BERT), cycling ``duplication_factor``
+                of them.
+            duplication_factor: Distinct static masks per sample (BERT used 10).
             num_workers: Loader worker processes (masking runs in them).
             seed: Seed of shuffling and masking (masks depend on seed, epoch and sample id).
             validation_fraction: Share of documents held out when a corpus has no validation split.
@@ -142,27 +151,39 @@ class MaskedLMDataModule(L.LightningDataModule):
                 ``$FILLMASK_CACHE`` or ``~/.cache/fillmask``).
         """
         super().__init__()
-        self.corpus = corpus
-        self.text_column = text_column
-        self.sample_by = sample_by
+        if masking_mode not in ("dynamic", "static"):
+            raise ValueError(f"masking_mode={masking_mode!r}: choose 'dynamic' or 'static'")
+        if duplication_factor < 1:
+            raise ValueError(f"duplication_factor={duplication_factor} must be at least 1")
+        self.sources = list(mixture) if mixture else [
+            CorpusSource(corpus if isinstance(corpus, str) else ",".join(corpus),
+                         text_column=text_column, sample_by=sample_by)]
+        self._corpus_specs = [corpus] if not mixture else [s.path for s in mixture]
+        self.mixture_alpha = mixture_alpha
         self.tokenizer_path = tokenizer
         self.tokenizer_training = tokenizer_training or TokenizerTraining()
         self.max_length = max_length
+        self.packing = packing or ChunkPacking()
+        self.pad_to_multiple_of = pad_to_multiple_of
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.masking = masking or TokenMasking()
+        self.masking_mode = masking_mode
+        self.duplication_factor = duplication_factor
         self.num_workers = num_workers
         self.seed = seed
         self.validation_fraction = validation_fraction
         self.vocab_multiple = max(1, vocab_multiple)
         self.cache_dir = cache_root(cache_dir)
-        self.blocks: datasets.DatasetDict | None = None
+        self.samples: dict[str, datasets.Dataset] | None = None
+        self.corpus_sizes: list[int] = []
 
-    # Tokenizer: resolved on first use (the CLI needs the vocabulary size to build the model).
+    # Corpora and the tokenizer (resolved on first use: the CLI needs the vocabulary size).
 
-    def _load_text(self) -> datasets.DatasetDict:
-        return load_corpus(self.corpus, self.text_column, self.sample_by,
-                           self.validation_fraction, self.seed, self.cache_dir)
+    def _load_text(self) -> list[datasets.DatasetDict]:
+        return [load_corpus(spec, source.text_column, source.sample_by, self.validation_fraction,
+                            self.seed, self.cache_dir)
+                for spec, source in zip(self._corpus_specs, self.sources, strict=True)]
 
     @cached_property
     def _tokenizer_and_roles(self) -> tuple[Tokenizer, SpecialTokens]:
@@ -173,16 +194,17 @@ class MaskedLMDataModule(L.LightningDataModule):
         return tok, resolve_special_tokens(tok)
 
     def _trained_tokenizer(self) -> Tokenizer:
-        text = self._load_text()
+        texts = [corpus["train"] for corpus in self._load_text()]
+        corpora = "-".join(t._fingerprint for t in texts)
         key = hashlib.sha256(
-            f"{text['train']._fingerprint}-{self.tokenizer_training.fingerprint()}".encode()
+            f"{corpora}-{self.tokenizer_training.fingerprint()}".encode()
         ).hexdigest()[:16]
         file = self.cache_dir / "tokenizers" / f"{key}.json"
         file.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(file) + ".lock"):
             if not file.is_file():
-                texts = (t for b in batched(text["train"]["text"]) for t in b)
-                tok = train_tokenizer(texts, self.tokenizer_training)
+                stream = (t for split in texts for b in batched(split["text"]) for t in b)
+                tok = train_tokenizer(stream, self.tokenizer_training)
                 tmp = file.with_suffix(".tmp")
                 tok.save(str(tmp))
                 tmp.replace(file)
@@ -202,33 +224,80 @@ class MaskedLMDataModule(L.LightningDataModule):
         n = self.tokenizer.get_vocab_size()
         return -(-n // self.vocab_multiple) * self.vocab_multiple
 
-    @property
+    @cached_property
     def vocab_info(self) -> VocabInfo:
-        return self.special_tokens.vocab_info(self.tokenizer.get_vocab_size())
+        counts = self.token_counts() if self.masking.needs_counts else None
+        special = self.special_tokens
+        return VocabInfo(self.tokenizer.get_vocab_size(), special.mask_id, special.pad_id,
+                         special.special_ids, counts)
 
-    # Lightning hooks.
+    def token_counts(self) -> np.ndarray:
+        """How often each token id occurs in the packed training samples."""
+        samples = self._samples()["train"]
+        flat = pc.list_flatten(samples.data.column("input_ids")).to_numpy()
+        return np.bincount(flat, minlength=self.tokenizer.get_vocab_size()).astype(np.float64)
+
+    # Packing.
 
     def prepare_data(self) -> None:
         self._packed()
 
     def setup(self, stage: str | None = None) -> None:
-        self.blocks = self._packed()
+        self._samples()
 
-    def _packed(self) -> datasets.DatasetDict:
-        return pack_corpus(self._load_text(), self.tokenizer, self.special_tokens, self.max_length)
+    def _packed(self) -> list[datasets.DatasetDict]:
+        return [pack_corpus(text, self.tokenizer, self.special_tokens, self.max_length,
+                            self.packing, self.seed)
+                for text in self._load_text()]
 
-    def _loader(self, split: str, train: bool) -> StatefulDataLoader:
-        if self.blocks is None:
-            self.setup()
-        dataset = BlockDataset(self.blocks[split])
+    def _samples(self) -> dict[str, datasets.Dataset]:
+        if self.samples is None:
+            packed = self._packed()
+            self.corpus_sizes = [len(p["train"]) for p in packed]
+            self.samples = {split: datasets.concatenate_datasets([p[split] for p in packed])
+                            for split in ("train", "validation")}
+            for name, size in zip((s.label for s in self.sources), self.corpus_sizes, strict=True):
+                log.info("corpus %s: %d training samples", name, size)
+            log.info("packing efficiency (tokens / (samples x max_length)): %.1f%%",
+                     100 * self.packing_efficiency("train"))
+        return self.samples
+
+    def packing_efficiency(self, split: str = "train") -> float:
+        """Share of the split's ``samples x max_length`` slots filled with tokens."""
+        return packing_efficiency(self._samples()[split], self.max_length)
+
+    def mixture_probabilities(self) -> np.ndarray:
+        """Probability of drawing from each corpus of the mixture."""
+        self._samples()
+        return mixture_probabilities(self.corpus_sizes, [s.weight for s in self.sources],
+                                     self.mixture_alpha)
+
+    # Loaders.
+
+    def collator(self, train: bool, keep_word_ids: bool = False) -> MaskingCollator:
+        return MaskingCollator(
+            self.masking, self.vocab_info, self.seed, train, self.pad_to_multiple_of,
+            static=self.masking_mode == "static", duplication_factor=self.duplication_factor,
+            keep_word_ids=keep_word_ids,
+        )
+
+    def _sampler(self, split: str, train: bool) -> Sampler[tuple[int, int]]:
+        size = len(self._samples()[split])
+        if train and len(self.sources) > 1:
+            return MixtureSampler(self.corpus_sizes, self.mixture_probabilities(), self.seed)
+        return EpochSampler(size, self.seed, shuffle=train)
+
+    def _loader(self, split: str, train: bool, keep_word_ids: bool = False) -> StatefulDataLoader:
+        dataset = BlockDataset(self._samples()[split])
         if len(dataset) == 0:
-            raise ValueError(f"the {split} split of corpus {self.corpus!r} gives no block of "
-                             f"max_length={self.max_length} tokens; lower max_length or add text")
+            raise ValueError(f"the {split} split of corpus {self._corpus_specs!r} gives no "
+                             f"sample of max_length={self.max_length} tokens; lower max_length "
+                             "or add text")
         return StatefulDataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            sampler=EpochSampler(len(dataset), self.seed, shuffle=train),
-            collate_fn=MaskingCollator(self.masking, self.vocab_info, self.seed, train),
+            sampler=self._sampler(split, train),
+            collate_fn=self.collator(train, keep_word_ids),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),

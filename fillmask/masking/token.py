@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
-import torch
+from typing import Literal
 
-from fillmask.masking.base import IGNORE_INDEX, MaskedTokens, Masking, VocabInfo
+import numpy as np
+
+from fillmask.masking.base import Corruption, MaskedTokens, Masking, VocabInfo
 from fillmask.masking.random import SampleRandom
 
 SELECT, DECIDE, REPLACE = 0, 1, 2  # random streams
 
+Selection = Literal["uniform", "smoothed"]
+Replacement = Literal["uniform", "unigram"]
+
+
+def check_rate(name: str, value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name}={value} must lie in [0, 1]")
+    return value
+
 
 class TokenMasking(Masking):
-    """Select each ordinary token with probability ``rate``; corrupt the selected ones."""
+    """Select ordinary tokens at ``rate``; corrupt the selected ones 80/10/10 (configurable)."""
 
     def __init__(
         self,
@@ -19,6 +30,9 @@ class TokenMasking(Masking):
         mask_fraction: float = 0.8,
         random_fraction: float = 0.1,
         eval_rate: float | None = None,
+        selection: Selection = "uniform",
+        smoothing: float = 0.7,
+        replacement: Replacement = "uniform",
     ) -> None:
         """Configure the scheme.
 
@@ -27,35 +41,50 @@ class TokenMasking(Masking):
             mask_fraction: Of the selected tokens, the fraction replaced by the mask token.
             random_fraction: Of the selected tokens, the fraction replaced by a random ordinary
                 token; the rest keep their original token.
-            eval_rate: Selection rate during validation and testing (defaults to ``rate``).
+            eval_rate: Selection rate during validation and testing (defaults to ``rate``);
+                MosaicBERT and ModernBERT train at 0.3 and evaluate at 0.15.
+            selection: ``uniform`` selects each token independently with probability ``rate``
+                (BERT). ``smoothed`` selects exactly ``rate`` of each row's tokens, favouring
+                rare ones: weight ``count ** -smoothing`` (DistilBERT, smoothing 0.7).
+            smoothing: Exponent of frequency-smoothed selection.
+            replacement: Where random replacements come from: ``uniform`` over the ordinary
+                vocabulary, or ``unigram`` (the training corpus's token frequencies).
         """
-        for name, value in (("rate", rate), ("mask_fraction", mask_fraction),
-                            ("random_fraction", random_fraction)):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"TokenMasking {name}={value} must lie in [0, 1]")
-        if mask_fraction + random_fraction > 1.0:
-            raise ValueError(
-                f"TokenMasking mask_fraction + random_fraction = {mask_fraction + random_fraction}"
-                " exceeds 1; lower one of them"
-            )
-        self.rate = rate
-        self.mask_fraction = mask_fraction
-        self.random_fraction = random_fraction
-        self.eval_rate = rate if eval_rate is None else eval_rate
+        self.rate = check_rate("TokenMasking rate", rate)
+        self.eval_rate = check_rate("TokenMasking eval_rate",
+                                    rate if eval_rate is None else eval_rate)
+        if selection not in ("uniform", "smoothed"):
+            raise ValueError(f"TokenMasking selection={selection!r}: choose uniform or smoothed")
+        self.selection = selection
+        self.smoothing = smoothing
+        self.corruption = Corruption("TokenMasking", mask_fraction, random_fraction, replacement)
+        self.needs_counts = selection == "smoothed" or replacement == "unigram"
 
     def __call__(
-        self, input_ids: torch.Tensor, rng: SampleRandom, vocab: VocabInfo, train: bool = True
+        self,
+        input_ids: np.ndarray,
+        rng: SampleRandom,
+        vocab: VocabInfo,
+        train: bool = True,
+        word_ids: np.ndarray | None = None,
     ) -> MaskedTokens:
         T = input_ids.shape[1]
         rate = self.rate if train else self.eval_rate
-        selected = (rng.uniform(T, SELECT) < rate) & ~vocab.special_mask(input_ids)  # (B, T)
-        decide = rng.uniform(T, DECIDE)
-        to_mask = selected & (decide < self.mask_fraction)
-        to_random = selected & (decide >= self.mask_fraction)
-        to_random &= decide < self.mask_fraction + self.random_fraction
-        pool = vocab.ordinary_ids
-        random_ids = pool[rng.integers(T, REPLACE, len(pool))].to(input_ids.dtype)
-        corrupted = torch.where(to_mask, torch.full_like(input_ids, vocab.mask_id), input_ids)
-        corrupted = torch.where(to_random, random_ids, corrupted)
-        labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
-        return MaskedTokens(corrupted, labels)
+        ordinary = ~vocab.special_mask(input_ids)  # (B, T)
+        if self.selection == "uniform":
+            selected = (rng.uniform(T, SELECT) < rate) & ordinary
+        else:
+            selected = self._smoothed(input_ids, ordinary, rng, vocab, rate)
+        return self.corruption.apply(input_ids, selected, rng.uniform(T, DECIDE), rng, REPLACE,
+                                     vocab)
+
+    def _smoothed(self, input_ids: np.ndarray, ordinary: np.ndarray, rng: SampleRandom,
+                  vocab: VocabInfo, rate: float) -> np.ndarray:
+        """Exactly round(rate x ordinary tokens) per row, drawn without replacement with
+        weights count**-smoothing (Efraimidis-Spirakis keys log(u) / weight)."""
+        weights = np.maximum(vocab.require_counts("smoothed selection"), 1.0) ** -self.smoothing
+        keys = np.log(rng.uniform64(input_ids.shape[1], SELECT)) / weights[input_ids]  # (B, T)
+        keys[~ordinary] = -np.inf
+        budget = np.rint(rate * ordinary.sum(axis=1))  # (B,)
+        ranks = np.argsort(np.argsort(-keys, axis=1, kind="stable"), axis=1)
+        return (ranks < budget[:, None]) & ordinary

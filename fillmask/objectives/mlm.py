@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from fillmask.architectures.base import Encoder
+from fillmask.architectures.base import Encoder, encoder_inputs
 from fillmask.heads import MLMHead
 from fillmask.masking.base import IGNORE_INDEX
 
@@ -64,9 +64,7 @@ class MaskedLM(L.LightningModule):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss and masked-position logits (N, V) of one batch."""
-        hidden = self.encoder(
-            batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids")
-        )  # (B, T, C)
+        hidden = self.encoder(batch["input_ids"], **encoder_inputs(batch))  # (B, T, C)
         labels = batch["labels"]
         selected = labels != IGNORE_INDEX  # (B, T)
         logits = self.head(hidden[selected])  # (N, V)
