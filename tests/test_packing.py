@@ -16,8 +16,8 @@ from fillmask.data.datamodule import MaskedLMDataModule
 from fillmask.data.mixture import CorpusSource, MixtureSampler, mixture_probabilities
 from fillmask.data.packing import DocumentPacking, LinePacking, SentencePairs, best_fit
 from fillmask.data.tokenize import TokenizerTraining
-from fillmask.masking.base import IGNORE_INDEX
 from fillmask.masking.span import SpanMasking
+from fillmask.masking.token import TokenMasking
 from fillmask.masking.whole_word import WholeWordMasking
 
 SMALL_TOKENIZER = TokenizerTraining(vocab_size=600)
@@ -210,3 +210,26 @@ def test_mixture_of_two_corpora_trains_one_tokenizer_and_samples_both(small_corp
     ids = [int(s) for b in dm.train_dataloader() for s in b["sample_id"]]
     from_small = np.mean([(i % sizes.sum() >= sizes[0]) == (np.argmin(sizes) == 1) for i in ids])
     assert abs(from_small - q.min()) < 0.05
+
+
+@pytest.mark.parametrize("packing,masking", [
+    (LinePacking(), WholeWordMasking()),
+    (DocumentPacking(), SpanMasking()),
+    (SentencePairs(task="sop"), TokenMasking(selection="smoothed", replacement="unigram")),
+])
+def test_every_packing_and_masking_trains_the_mlm_objective(small_corpus, tmp_path, packing,
+                                                            masking):
+    import lightning as L
+
+    from fillmask.objectives.mlm import MaskedLM
+
+    dm = MaskedLMDataModule(corpus=str(small_corpus), tokenizer_training=SMALL_TOKENIZER,
+                            max_length=48, batch_size=8, packing=packing, masking=masking)
+    model = MaskedLM(BertEncoder.preset("tiny", vocab_size=dm.vocab_size, max_positions=64),
+                     learning_rate=3e-3, warmup_steps=2)
+    trainer = L.Trainer(max_steps=6, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, limit_val_batches=2, val_check_interval=6,
+                        num_sanity_val_steps=0, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=dm)
+    assert trainer.global_step == 6
+    assert np.isfinite(trainer.callback_metrics["val/loss"].item())

@@ -4,7 +4,6 @@ batches."""
 from __future__ import annotations
 
 import hashlib
-import logging
 from functools import cached_property
 from typing import Any, Literal
 
@@ -14,6 +13,7 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 from filelock import FileLock
+from lightning.pytorch.utilities import rank_zero_info
 from tokenizers import Tokenizer
 from torch.utils.data import Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -34,8 +34,6 @@ from fillmask.masking.base import Masking, VocabInfo
 from fillmask.masking.random import derive_seed
 from fillmask.masking.token import TokenMasking
 from fillmask.paths import cache_root
-
-log = logging.getLogger(__name__)
 
 MaskingMode = Literal["dynamic", "static"]
 
@@ -256,10 +254,11 @@ class MaskedLMDataModule(L.LightningDataModule):
             self.corpus_sizes = [len(p["train"]) for p in packed]
             self.samples = {split: datasets.concatenate_datasets([p[split] for p in packed])
                             for split in ("train", "validation")}
-            for name, size in zip((s.label for s in self.sources), self.corpus_sizes, strict=True):
-                log.info("corpus %s: %d training samples", name, size)
-            log.info("packing efficiency (tokens / (samples x max_length)): %.1f%%",
-                     100 * self.packing_efficiency("train"))
+            sizes = ", ".join(f"{source.label}: {size}" for source, size in
+                              zip(self.sources, self.corpus_sizes, strict=True))
+            fill = self.packing_efficiency("train")
+            rank_zero_info(f"training samples ({sizes}); {type(self.packing).__name__} fills "
+                           f"{fill:.1%} of max_length={self.max_length}")
         return self.samples
 
     def packing_efficiency(self, split: str = "train") -> float:

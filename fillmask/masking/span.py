@@ -89,7 +89,7 @@ class SpanMasking(Masking):
     ) -> MaskedTokens:
         if word_ids is None:
             raise ValueError("SpanMasking needs word ids; the data module provides them")
-        B, T = input_ids.shape
+        T = input_ids.shape[1]
         rate = self.rate if train else self.eval_rate
         ordinary = (word_ids >= 0) & ~vocab.special_mask(input_ids)  # (B, T)
         word_ids = np.where(ordinary, word_ids, -1)
