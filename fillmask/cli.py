@@ -24,7 +24,8 @@ from fillmask.errors import FillmaskError
 from fillmask.masking.span import SpanMasking  # noqa: F401
 from fillmask.masking.token import TokenMasking  # noqa: F401
 from fillmask.masking.whole_word import WholeWordMasking  # noqa: F401
-from fillmask.objectives.mlm import MaskedLM
+from fillmask.objectives.base import EncoderObjective
+from fillmask.objectives.mlm import MaskedLM  # noqa: F401
 
 
 class FillmaskCLI(LightningCLI):
@@ -32,15 +33,17 @@ class FillmaskCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments(
-            "data.vocab_size", "model.encoder.init_args.vocab_size", apply_on="instantiate"
+            "data.vocab_size", "model.init_args.encoder.init_args.vocab_size",
+            apply_on="instantiate",
         )
 
 
 def run_lightning(args: list[str] | None = None) -> FillmaskCLI:
     """Run LightningCLI for MLM pretraining (``fillmask fit --config X.yaml``)."""
     return FillmaskCLI(
-        MaskedLM,
+        EncoderObjective,
         MaskedLMDataModule,
+        subclass_mode_model=True,
         args=args,
         save_config_kwargs={"overwrite": True},
     )

@@ -11,28 +11,49 @@ class MLMHead(nn.Module):
     """Transform (Linear -> GELU -> LayerNorm) then decode to the vocabulary, plus a bias.
 
     The decoder is the token embedding itself (``tied``, as BERT) or a matrix of its own. The
-    layout is BERT's, so weights map one to one onto ``BertForMaskedLM``. Call it on the hidden
-    states of masked positions only (N, C): decoding every position would spend most of the step
-    on a (B*T, V) matmul whose rows the loss ignores.
+    layout is BERT's, so weights map one to one onto ``BertForMaskedLM``. With factorised
+    embeddings (ALBERT, ELECTRA-small: embedding size E < hidden size C) the transform maps C to
+    E. Call it on the hidden states of masked positions only (N, C): decoding every position
+    would spend most of the step on a (B*T, V) matmul whose rows the loss ignores.
     """
 
     def __init__(
-        self, embedding: nn.Embedding, tied: bool = True, eps: float = 1e-12, init_std: float = 0.02
+        self,
+        embedding: nn.Embedding,
+        tied: bool = True,
+        eps: float = 1e-12,
+        init_std: float = 0.02,
+        hidden_size: int | None = None,
     ) -> None:
         super().__init__()
-        vocab_size, hidden_size = embedding.weight.shape
-        self.dense = nn.Linear(hidden_size, hidden_size)
-        self.norm = nn.LayerNorm(hidden_size, eps=eps)
+        vocab_size, embedding_size = embedding.weight.shape
+        self.dense = nn.Linear(hidden_size or embedding_size, embedding_size)
+        self.norm = nn.LayerNorm(embedding_size, eps=eps)
         self.embedding = embedding if tied else None
-        own = None if tied else nn.Parameter(torch.randn(vocab_size, hidden_size) * init_std)
+        own = None if tied else nn.Parameter(torch.randn(vocab_size, embedding_size) * init_std)
         self.decoder = own
         self.bias = nn.Parameter(torch.zeros(vocab_size))
 
     @property
     def decoder_weight(self) -> torch.Tensor:
-        """The (V, C) output matrix: the token embedding when tied."""
+        """The (V, E) output matrix: the token embedding when tied."""
         return self.embedding.weight if self.decoder is None else self.decoder
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        x = self.norm(F.gelu(self.dense(hidden)))  # (N, C)
+        x = self.norm(F.gelu(self.dense(hidden)))  # (N, E)
         return F.linear(x, self.decoder_weight, self.bias)  # (N, V)
+
+
+class PairHead(nn.Module):
+    """Sentence-pair classifier on the CLS state: BERT's pooler (Linear -> tanh), then 2 logits.
+
+    Used for next-sentence prediction (BERT) and sentence-order prediction (ALBERT).
+    """
+
+    def __init__(self, hidden_size: int, num_labels: int = 2) -> None:
+        super().__init__()
+        self.pooler = nn.Linear(hidden_size, hidden_size)
+        self.classifier = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, cls_state: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.tanh(self.pooler(cls_state)))  # (B, num_labels)

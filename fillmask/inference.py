@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,24 +9,13 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from fillmask.architectures.base import Encoder
 from fillmask.data.tokenize import SpecialTokens, resolve_special_tokens
 from fillmask.errors import FillmaskError
+from fillmask.heads import MLMHead
+from fillmask.objectives.base import CheckpointError, load_objective
 from fillmask.objectives.mlm import MaskedLM
 
-
-class CheckpointError(FillmaskError):
-    """A checkpoint fillmask cannot use, with its path and the reason."""
-
-
-def import_class(path: str) -> type:
-    """Import ``package.module.Class``."""
-    module, _, name = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as error:
-        raise CheckpointError(f"cannot import {path}: {error}; install the package that "
-                              "provides it") from error
+__all__ = ["CheckpointError", "FillMaskModel"]
 
 
 @dataclass
@@ -42,27 +29,12 @@ class FillMaskModel:
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str = "cpu") -> FillMaskModel:
         """Rebuild the model and tokenizer stored in a fillmask checkpoint."""
-        path = Path(path).expanduser()
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint {path} does not exist")
-        try:
-            ckpt = torch.load(path, map_location=map_location, weights_only=False)
-        except Exception as error:
-            raise CheckpointError(f"checkpoint {path} cannot be read ({error}); it may be "
-                                  "truncated: use an earlier checkpoint") from error
-        info = ckpt.get("fillmask") if isinstance(ckpt, dict) else None
-        if not info or "tokenizer" not in info:
-            raise CheckpointError(f"{path} is not a fillmask MLM checkpoint with a tokenizer "
-                                  "(it was not written by `fillmask fit`)")
-        encoder_cls = import_class(info["encoder"]["class_path"])
-        encoder: Encoder = encoder_cls(**info["encoder"]["init_args"])
-        model_cls = import_class(info.get("objective", "fillmask.objectives.mlm.MaskedLM"))
-        accepted = inspect.signature(model_cls).parameters
-        hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if k in accepted}
-        model = model_cls(encoder=encoder, **hparams)
-        model.load_state_dict(ckpt["state_dict"])
-        model.eval()
-        tokenizer = Tokenizer.from_str(info["tokenizer"])
+        model, tokenizer = load_objective(path)
+        if tokenizer is None or not isinstance(getattr(model, "head", None), MLMHead):
+            raise CheckpointError(f"{path} holds no masked-LM head and tokenizer to fill masks "
+                                  "with (it was not written by an MLM objective under "
+                                  "`fillmask fit`)")
+        model.to(map_location).eval()
         return cls(model, tokenizer, resolve_special_tokens(tokenizer))
 
     def mask_token(self) -> str:

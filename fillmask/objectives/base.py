@@ -1,0 +1,173 @@
+"""What every objective shares: an encoder, AdamW with warm-up and decay, checkpoint metadata.
+
+Objectives subclass :class:`EncoderObjective` and pass the optimisation arguments through
+``**kwargs``, so each YAML names them once (``model.init_args.learning_rate``) whatever the
+objective, and `--model.help` lists them with the objective's own options.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from tokenizers import Tokenizer
+
+from fillmask.architectures.base import Encoder
+from fillmask.errors import FillmaskError
+
+Schedule = Literal["linear", "cosine", "constant"]
+
+
+class CheckpointError(FillmaskError):
+    """A checkpoint fillmask cannot use, with its path and the reason."""
+
+
+class EncoderObjective(L.LightningModule):
+    """Base class of fillmask objectives: the optimiser, its schedule and checkpoint metadata."""
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        learning_rate: float = 1e-4,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        warmup_steps: float = 10_000,
+        schedule: Schedule = "linear",
+        min_lr_ratio: float = 0.0,
+        total_steps: int | None = None,
+    ) -> None:
+        """Configure optimisation.
+
+        Args:
+            encoder: Any fillmask encoder; its vocabulary size is linked from the tokenizer.
+            learning_rate: Peak AdamW learning rate.
+            weight_decay: Decoupled weight decay (not applied to biases, norms or other
+                one-dimensional parameters).
+            betas: AdamW betas.
+            eps: AdamW epsilon.
+            warmup_steps: Linear warm-up length: optimiser steps, or a fraction (< 1) of all steps.
+            schedule: Decay after warm-up: ``linear``, ``cosine`` or ``constant``.
+            min_lr_ratio: Final learning rate as a fraction of the peak.
+            total_steps: Length of the schedule in optimiser steps; defaults to the trainer's
+                (``max_steps`` or epochs). Set it when one schedule spans several runs, as
+                BERT's sequence-128 and sequence-512 phases do.
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["encoder"])
+        self.encoder = encoder
+
+    # Optimisation.
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(
+            self._parameter_groups(), lr=hp.learning_rate, betas=tuple(hp.betas), eps=hp.eps
+        )
+        total = hp.total_steps or max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = hp.warmup_steps
+        warmup = int(warmup * total) if isinstance(warmup, float) and warmup < 1 else int(warmup)
+        scale = warmup_then_decay(warmup, total, hp.schedule, hp.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, scale)
+        schedule = {"scheduler": scheduler, "interval": "step"}
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+    def _parameter_groups(self) -> list[dict[str, Any]]:
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
+        return [{"params": decay, "weight_decay": self.hparams.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+    # Checkpoints carry what inference needs to rebuild the model without the YAML.
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        info: dict[str, Any] = {"encoder": self.encoder.spec(),
+                                "objective": f"{type(self).__module__}.{type(self).__qualname__}"}
+        tokenizer = self._datamodule_tokenizer()
+        if tokenizer is not None:
+            info["tokenizer"] = tokenizer.to_str()
+        checkpoint["fillmask"] = info
+
+    def _datamodule_tokenizer(self) -> Tokenizer | None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        return getattr(datamodule, "tokenizer", None) if datamodule is not None else None
+
+    def setup(self, stage: str) -> None:
+        tokenizer = self._datamodule_tokenizer()
+        if tokenizer is None:
+            return
+        tokens = tokenizer.get_vocab_size()
+        if tokens > self.encoder.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {tokens} tokens but the encoder's embedding has only "
+                f"{self.encoder.vocab_size} rows; set the encoder's vocab_size to at least "
+                f"{tokens} (the CLI links it from the data module) or use a smaller tokenizer"
+            )
+
+
+def warmup_then_decay(warmup: int, total: int, schedule: Schedule, floor: float):
+    """Learning-rate multiplier: linear warm-up to 1, then decay to ``floor`` at ``total``."""
+
+    def scale(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        shape = 1.0 - progress if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+        return floor + (1.0 - floor) * shape
+
+    return scale
+
+
+def import_class(path: str) -> type:
+    """Import ``package.module.Class``."""
+    import importlib
+
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as error:
+        raise CheckpointError(f"cannot import {path}: {error}; install the package that "
+                              "provides it") from error
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a fillmask checkpoint's dictionary, with a clear error for a missing or bad file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({error}); it may be "
+                              "truncated: use an earlier checkpoint") from error
+    if not isinstance(ckpt, dict) or not ckpt.get("fillmask"):
+        raise CheckpointError(f"{path} is not a fillmask checkpoint (it was not written by "
+                              "`fillmask fit`)")
+    return ckpt
+
+
+def load_objective(path: str | Path) -> tuple[EncoderObjective, Tokenizer | None]:
+    """Rebuild the objective (encoder, heads, weights) and tokenizer stored in a checkpoint."""
+    import inspect
+
+    ckpt = read_checkpoint(path)
+    info = ckpt["fillmask"]
+    encoder_cls = import_class(info["encoder"]["class_path"])
+    encoder: Encoder = encoder_cls(**info["encoder"]["init_args"])
+    model_cls = import_class(info.get("objective", "fillmask.objectives.mlm.MaskedLM"))
+    parameters = inspect.signature(model_cls).parameters
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items()
+               if k != "encoder" and not k.startswith("_") and (open_ended or k in parameters)}
+    model = model_cls(encoder=encoder, **hparams)
+    model.load_state_dict(ckpt["state_dict"])
+    tokenizer = Tokenizer.from_str(info["tokenizer"]) if "tokenizer" in info else None
+    return model, tokenizer
