@@ -25,7 +25,10 @@ from fillmask.masking.span import SpanMasking  # noqa: F401
 from fillmask.masking.token import TokenMasking  # noqa: F401
 from fillmask.masking.whole_word import WholeWordMasking  # noqa: F401
 from fillmask.objectives.base import EncoderObjective
+from fillmask.objectives.distill import Distillation  # noqa: F401
 from fillmask.objectives.mlm import MaskedLM  # noqa: F401
+from fillmask.objectives.rtd import ReplacedTokenDetection  # noqa: F401
+from fillmask.objectives.span_boundary import SpanBoundaryLM  # noqa: F401
 
 
 class FillmaskCLI(LightningCLI):
@@ -123,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         from fillmask.inspection import inspect_main
 
         return inspect_main(words[1:])
+    if words and words[0] == "finetune":
+        from fillmask.finetune import finetune_main
+
+        return finetune_main(words[1:])
     try:
         run_lightning(argv)
     except FillmaskError as error:

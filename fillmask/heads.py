@@ -57,3 +57,33 @@ class PairHead(nn.Module):
 
     def forward(self, cls_state: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.tanh(self.pooler(cls_state)))  # (B, num_labels)
+
+
+class SpanBoundaryHead(nn.Module):
+    """SpanBERT's span-boundary objective: predict each masked token from the states just
+    outside its span and its position inside the span.
+
+    Input: [x_{s-1}; x_{e+1}; p_i] (C + C + P), then Linear -> GELU -> LayerNorm -> Linear ->
+    GELU -> LayerNorm, decoded with the tied token embedding plus a bias of its own.
+    """
+
+    def __init__(self, embedding: nn.Embedding, hidden_size: int, position_size: int = 200,
+                 max_positions: int = 64, eps: float = 1e-12) -> None:
+        super().__init__()
+        vocab_size, embedding_size = embedding.weight.shape
+        self.positions = nn.Embedding(max_positions, position_size)
+        self.first = nn.Linear(2 * hidden_size + position_size, hidden_size)
+        self.first_norm = nn.LayerNorm(hidden_size, eps=eps)
+        self.second = nn.Linear(hidden_size, embedding_size)
+        self.second_norm = nn.LayerNorm(embedding_size, eps=eps)
+        self.embedding = embedding
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, left: torch.Tensor, right: torch.Tensor, offset: torch.Tensor
+                ) -> torch.Tensor:
+        """Logits (N, V) from boundary states (N, C) and 0-based offsets inside the span (N,)."""
+        offset = offset.clamp(max=self.positions.num_embeddings - 1)
+        x = torch.cat([left, right, self.positions(offset)], dim=-1)  # (N, 2C + P)
+        x = self.first_norm(F.gelu(self.first(x)))  # (N, C)
+        x = self.second_norm(F.gelu(self.second(x)))  # (N, E)
+        return F.linear(x, self.embedding.weight, self.bias)  # (N, V)

@@ -34,3 +34,14 @@ def test_load_pretrained_reads_folders_and_names_bad_sources(hf_bert_folder, tmp
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(HFImportError, match="'gpt2' model"):
         import_bert(tmp_path)
+
+
+def test_a_transformers_tokenizer_packs_without_its_saved_padding(hf_bert_folder, small_corpus):
+    from fillmask.data.datamodule import MaskedLMDataModule
+
+    dm = MaskedLMDataModule(corpus=str(small_corpus), tokenizer=str(hf_bert_folder),
+                            max_length=64, vocab_multiple=1)
+    dm.setup()
+    blocks = dm.samples["train"].with_format("numpy")[:]["input_ids"]
+    assert len(blocks) > 100 and not (blocks == dm.special_tokens.pad_id).any()
+    assert dm.vocab_size == 30522

@@ -41,7 +41,11 @@ def sinusoidal_table(positions: int, width: int) -> torch.Tensor:
 
 
 class BertEmbeddings(nn.Module):
-    """Token + learned position + token-type embeddings, then LayerNorm (optional) and dropout."""
+    """Token + learned position + token-type embeddings, then LayerNorm (optional) and dropout.
+
+    With a factorised ``embedding_size`` E smaller than the hidden size C (ALBERT, ELECTRA-small)
+    the embeddings live in E and a linear map projects them to C.
+    """
 
     def __init__(
         self,
@@ -52,13 +56,16 @@ class BertEmbeddings(nn.Module):
         dropout: float,
         eps: float,
         norm: bool = True,
+        embedding_size: int | None = None,
     ) -> None:
         super().__init__()
-        self.tokens = nn.Embedding(vocab_size, hidden_size)
-        self.positions = nn.Embedding(max_positions, hidden_size)
-        self.token_types = nn.Embedding(max(type_vocab_size, 1), hidden_size)
-        self.norm = nn.LayerNorm(hidden_size, eps=eps) if norm else nn.Identity()
+        width = embedding_size or hidden_size
+        self.tokens = nn.Embedding(vocab_size, width)
+        self.positions = nn.Embedding(max_positions, width)
+        self.token_types = nn.Embedding(max(type_vocab_size, 1), width)
+        self.norm = nn.LayerNorm(width, eps=eps) if norm else nn.Identity()
         self.dropout = nn.Dropout(dropout)
+        self.project = nn.Linear(width, hidden_size) if width != hidden_size else nn.Identity()
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -69,7 +76,7 @@ class BertEmbeddings(nn.Module):
             x = x + self.token_types.weight[0]
         else:
             x = x + self.token_types(token_type_ids)
-        return self.dropout(self.norm(x))
+        return self.project(self.dropout(self.norm(x)))  # (B, T, C)
 
 
 class SelfAttention(nn.Module):
@@ -161,6 +168,8 @@ class BertEncoder(Encoder):
         initializer_range: float = 0.02,
         position_init: PositionInit = "normal",
         embedding_norm: bool = True,
+        embedding_size: int | None = None,
+        share_layers: bool = False,
     ) -> None:
         """Build the encoder.
 
@@ -184,6 +193,11 @@ class BertEncoder(Encoder):
                 models a sense of token distance from step 0 (it stays trainable).
             embedding_norm: LayerNorm on the summed embeddings (BERT). Pre-LN blocks normalise
                 their input anyway; without it, small pre-LN models learn markedly faster.
+            embedding_size: Factorised embeddings (ALBERT: 128; ELECTRA-small: 128): token,
+                position and type embeddings of this width, projected to ``hidden_size``.
+                Empty: the hidden size (BERT).
+            share_layers: ALBERT's cross-layer sharing: one block's weights, applied
+                ``num_layers`` times.
         """
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -193,23 +207,26 @@ class BertEncoder(Encoder):
             raise ValueError(f"norm={norm!r} is unknown; use 'post' or 'pre'")
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
+        self.embedding_size = embedding_size or hidden_size
         self.max_positions = max_positions
+        self.num_layers = num_layers
         self.initializer_range = initializer_range
         self.embeddings = BertEmbeddings(
             vocab_size, hidden_size, max_positions, type_vocab_size, dropout, layer_norm_eps,
-            embedding_norm,
+            embedding_norm, embedding_size,
         )
         self.blocks = nn.ModuleList(
             BertBlock(
                 hidden_size, num_heads, intermediate_size, dropout, attention_dropout,
                 activation, norm, layer_norm_eps, bias,
             )
-            for _ in range(num_layers)
+            for _ in range(1 if share_layers else num_layers)
         )
         self.final_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps) if norm == "pre" else None
         self.apply(self._init_weights)
         if position_init == "sinusoidal":
-            table = sinusoidal_table(max_positions, hidden_size) * initializer_range * math.sqrt(2)
+            width = self.embedding_size
+            table = sinusoidal_table(max_positions, width) * initializer_range * math.sqrt(2)
             with torch.no_grad():
                 self.embeddings.positions.weight.copy_(table)
         elif position_init != "normal":
@@ -238,8 +255,12 @@ class BertEncoder(Encoder):
         Each layer's attention does Q K^T and A V, 2 * T * C multiply-adds each per token;
         backward costs twice forward, hence 3 * 2 * 2 * T * C per layer.
         """
-        attention = 12.0 * len(self.blocks) * seq_len * self.hidden_size
-        return super().flops_per_token(seq_len) + attention
+        attention = 12.0 * self.num_layers * seq_len * self.hidden_size
+        weights = super().flops_per_token(seq_len)
+        if len(self.blocks) == 1 and self.num_layers > 1:  # shared layers run num_layers times
+            block = sum(p.numel() for p in self.blocks[0].parameters() if p.ndim >= 2)
+            weights += 6.0 * block * (self.num_layers - 1)
+        return weights + attention
 
     def forward(
         self,
@@ -255,6 +276,6 @@ class BertEncoder(Encoder):
                              "max_positions")
         x = self.embeddings(input_ids, token_type_ids, position_ids)  # (B, T, C)
         mask = pairwise_mask(attention_mask, document_ids)  # (B, 1, 1 | T, T)
-        for block in self.blocks:
-            x = block(x, mask)
+        for layer in range(self.num_layers):
+            x = self.blocks[0 if len(self.blocks) == 1 else layer](x, mask)
         return x if self.final_norm is None else self.final_norm(x)  # (B, T, C)

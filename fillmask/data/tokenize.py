@@ -135,6 +135,11 @@ def load_tokenizer(path: str | Path) -> tuple[Tokenizer, dict[str, str]]:
         tok = Tokenizer.from_file(str(file))
     except Exception as error:  # the tokenizers library raises bare Exceptions
         raise TokenizerError(f"{file} is not a valid tokenizer.json: {error}") from error
+    # A tokenizer.json saved by transformers may carry padding (to the longest text of a batch)
+    # and truncation settings: they would fill packed samples with padding and cut documents.
+    # fillmask packs and pads itself.
+    tok.no_padding()
+    tok.no_truncation()
     return tok, _declared_roles(file.parent) if path.is_dir() else {}
 
 

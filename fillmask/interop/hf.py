@@ -24,6 +24,9 @@ def bert_config_dict(encoder: BertEncoder) -> dict[str, object]:
     if args["norm"] != "post" or not args["embedding_norm"]:
         raise ValueError("only post-LN BertEncoders with an embedding LayerNorm have a "
                          "transformers BertModel equivalent")
+    if args.get("embedding_size") not in (None, args["hidden_size"]) or args.get("share_layers"):
+        raise ValueError("factorised embeddings and shared layers (ALBERT) have no transformers "
+                         "BertModel equivalent")
     activation = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}[args["activation"]]
     return {
         "vocab_size": args["vocab_size"], "hidden_size": args["hidden_size"],

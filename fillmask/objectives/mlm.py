@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
@@ -32,6 +33,7 @@ class MaskedLM(EncoderObjective):
         tie_embeddings: bool = True,
         pair_head: bool = False,
         pair_loss_weight: float = 1.0,
+        init_from: str | None = None,
         **kwargs: Any,
     ) -> None:
         """Configure the objective.
@@ -44,6 +46,11 @@ class MaskedLM(EncoderObjective):
             pair_head: Add a sentence-pair classifier (pooler + 2-way linear, BERT's NSP layout)
                 trained on the batch's ``pair_label`` (data: ``packing: SentencePairs``).
             pair_loss_weight: Weight of the sentence-pair loss in the total.
+            init_from: Continued pretraining (BioBERT, SciBERT): start from this fillmask
+                checkpoint or transformers BERT folder. The encoder must have its shape; with a
+                new (domain) tokenizer, rows of tokens both vocabularies share are copied and
+                new tokens start from the mean of their old pieces. Ignored when resuming a run
+                (the checkpoint's weights win).
             **kwargs: Optimisation options of :class:`EncoderObjective` (learning_rate, ...).
         """
         super().__init__(encoder, **kwargs)
@@ -56,6 +63,23 @@ class MaskedLM(EncoderObjective):
         )
         self.val_pair_accuracy = BinaryAccuracy() if pair_head else None
         self.val_extra: nn.ModuleDict = nn.ModuleDict()  # name -> MeanMetric of extra losses
+        self._initialised = False
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if self.hparams.init_from and stage == "fit" and not self._initialised:
+            self.initialise_from(self.hparams.init_from)
+
+    def initialise_from(self, source: str) -> None:
+        """Copy a pretrained model's weights into this one (see ``init_from``)."""
+        from fillmask.pretrained import load_pretrained, transfer_weights
+
+        pretrained, old_tokenizer = load_pretrained(source)
+        new_tokenizer = self._datamodule_tokenizer() or old_tokenizer
+        counts = transfer_weights(self, pretrained, new_tokenizer, old_tokenizer)
+        self._initialised = True
+        rank_zero_info(f"initialised from {source}: {counts['copied']} token rows copied, "
+                       f"{counts['composed']} composed from the old tokenizer's pieces")
 
     # The loss.
 

@@ -1,0 +1,59 @@
+"""The `fillmask finetune` command: fine-tune a pretrained encoder on labelled data.
+
+``fillmask finetune fit --config configs/finetune-sst2.yaml`` (and ``validate``/``test``) is a
+LightningCLI whose model is a fine-tuning objective (``SequenceClassification`` or
+``TokenClassification``) and whose data is a :class:`LabelledDataModule`. The data's number of
+labels is linked into the model, and the model's ``pretrained`` path into the data, so the
+examples are encoded with the tokenizer the encoder was trained with.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from fillmask.data.labelled import LabelledDataModule
+from fillmask.errors import FillmaskError
+from fillmask.objectives.base import EncoderObjective
+
+# Imported so that short class names (`class_path: SequenceClassification`) resolve in YAML.
+from fillmask.objectives.classify import (  # noqa: F401
+    SequenceClassification,
+    TokenClassification,
+)
+
+
+class FinetuneCLI(LightningCLI):
+    """LightningCLI with the label count linked into the model and the pretrained model's
+    tokenizer into the data."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("model.init_args.pretrained", "data.pretrained", apply_on="parse")
+        parser.link_arguments("data.num_labels", "model.init_args.num_labels",
+                              apply_on="instantiate")
+
+
+def run_finetune(args: list[str] | None = None) -> FinetuneCLI:
+    """Run LightningCLI for fine-tuning (``fillmask finetune fit --config X.yaml``)."""
+    return FinetuneCLI(
+        EncoderObjective,
+        LabelledDataModule,
+        subclass_mode_model=True,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": "fillmask finetune"},
+    )
+
+
+def finetune_main(argv: list[str]) -> int:
+    """Entry point of ``fillmask finetune``; a user error is one line on stderr and exit 2."""
+    try:
+        with warnings.catch_warnings():  # argv is sys.argv less "finetune", as it must be
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            run_finetune(argv)
+    except FillmaskError as error:
+        print(f"fillmask finetune: error: {error}", file=sys.stderr)
+        return 2
+    return 0
