@@ -7,11 +7,21 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
+import lightning as L
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 # Imported so that short class names (`class_path: BertEncoder`) resolve in YAML.
 from fillmask.architectures.bert import BertEncoder  # noqa: F401
+from fillmask.checkpointing import (
+    PREEMPTED_EXIT_CODE,
+    AtomicCheckpointIO,
+    Preemption,
+    resolve_resume_path,
+)
 from fillmask.data.datamodule import MaskedLMDataModule
 from fillmask.data.mixture import CorpusSource  # noqa: F401
 from fillmask.data.packing import (  # noqa: F401
@@ -32,13 +42,41 @@ from fillmask.objectives.span_boundary import SpanBoundaryLM  # noqa: F401
 
 
 class FillmaskCLI(LightningCLI):
-    """LightningCLI with the tokenizer's vocabulary linked into the encoder."""
+    """LightningCLI with the tokenizer's vocabulary linked into the encoder, atomic
+    checkpoints, a preemption checkpoint, and ``--ckpt_path last`` that skips broken files."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments(
             "data.vocab_size", "model.init_args.encoder.init_args.vocab_size",
             apply_on="instantiate",
         )
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        make_reliable(trainer)
+        return trainer
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads an explicit checkpoint while parsing: check it first, so a
+        # truncated file is one line naming it, not a zip error from inside torch.
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path not in (None, "last", "auto", "best", "hpc"):
+            resolve_resume_path(path, None)
+        super()._parse_ckpt_path()
+
+    def before_fit(self) -> None:
+        config = self.config_init[self.subcommand]
+        config["ckpt_path"] = resolve_resume_path(config.get("ckpt_path"), self.trainer)
+
+
+def make_reliable(trainer: L.Trainer) -> None:
+    """Give a trainer atomic checkpoint writes and a preemption checkpoint (unless it has
+    its own checkpoint IO or Preemption callback)."""
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+    if not any(isinstance(cb, Preemption) for cb in trainer.callbacks):
+        trainer.callbacks.append(Preemption())
 
 
 def run_lightning(args: list[str] | None = None) -> FillmaskCLI:
@@ -135,4 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     except FillmaskError as error:
         print(f"fillmask: error: {error}", file=sys.stderr)
         return 2
+    except SIGTERMException:
+        print("fillmask: preempted (SIGTERM/SIGUSR1): checkpoint saved; run the same command "
+              "with --ckpt_path last to continue", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     return 0

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from fillmask.data.collate import MaskingCollator
-from fillmask.data.corpus import SampleBy, load_corpus
+from fillmask.data.corpus import EncodingErrors, SampleBy, load_corpus
 from fillmask.data.mixture import CorpusSource, MixtureSampler, mixture_probabilities
 from fillmask.data.packing import ChunkPacking, Packing, pack_corpus, packing_efficiency
 from fillmask.data.tokenize import (
@@ -63,6 +63,39 @@ class EpochSampler(Sampler[tuple[int, int]]):
         generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
         order = torch.randperm(self.size, generator=generator)
         return ((self.epoch, i) for i in order.tolist())
+
+
+class EpochLoader(StatefulDataLoader):
+    """A StatefulDataLoader that knows where its epochs end.
+
+    Its state records the batches yielded in the current epoch: a state saved after an epoch's
+    last batch resumes at the start of the next epoch (torchdata alone would fast-forward the
+    next epoch by a whole epoch's batches), and a mid-epoch state resumes at the next batch.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._yielded = 0
+        self._resume_at = 0
+
+    def __iter__(self):
+        self._yielded, self._resume_at = self._resume_at, 0
+        for batch in super().__iter__():
+            self._yielded += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loader": super().state_dict(), "yielded": self._yielded,
+                "epoch": getattr(self.sampler, "epoch", 0)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "loader" not in state:  # a plain torchdata state
+            super().load_state_dict(state)
+            return
+        if state["yielded"] >= len(self):  # saved at the end of an epoch: start the next afresh
+            return
+        super().load_state_dict(state["loader"])
+        self._resume_at = state["yielded"]
 
 
 class BlockDataset(Dataset):
@@ -112,6 +145,7 @@ class MaskedLMDataModule(L.LightningDataModule):
         validation_fraction: float = 0.05,
         vocab_multiple: int = 64,
         cache_dir: str | None = None,
+        encoding_errors: EncodingErrors = "strict",
     ) -> None:
         """Configure the data pipeline.
 
@@ -147,6 +181,8 @@ class MaskedLMDataModule(L.LightningDataModule):
             vocab_multiple: Round the model's vocabulary up to a multiple of this (faster matmuls).
             cache_dir: Where corpora and trained tokenizers are cached (default
                 ``$FILLMASK_CACHE`` or ``~/.cache/fillmask``).
+            encoding_errors: Text that is not valid UTF-8: ``strict`` stops with the file, line
+                and byte offset; ``replace`` reads undecodable bytes as U+FFFD (counted, logged).
         """
         super().__init__()
         if masking_mode not in ("dynamic", "static"):
@@ -173,14 +209,21 @@ class MaskedLMDataModule(L.LightningDataModule):
         self.validation_fraction = validation_fraction
         self.vocab_multiple = max(1, vocab_multiple)
         self.cache_dir = cache_root(cache_dir)
+        self.encoding_errors = encoding_errors
+        self._text: list[datasets.DatasetDict] | None = None
         self.samples: dict[str, datasets.Dataset] | None = None
         self.corpus_sizes: list[int] = []
 
     # Corpora and the tokenizer (resolved on first use: the CLI needs the vocabulary size).
 
     def _load_text(self) -> list[datasets.DatasetDict]:
+        if self._text is None:  # loaded once: the tokenizer, prepare_data and setup share it
+            self._text = self._read_corpora()
+        return self._text
+
+    def _read_corpora(self) -> list[datasets.DatasetDict]:
         return [load_corpus(spec, source.text_column, source.sample_by, self.validation_fraction,
-                            self.seed, self.cache_dir)
+                            self.seed, self.cache_dir, self.encoding_errors)
                 for spec, source in zip(self._corpus_specs, self.sources, strict=True)]
 
     @cached_property
@@ -286,13 +329,13 @@ class MaskedLMDataModule(L.LightningDataModule):
             return MixtureSampler(self.corpus_sizes, self.mixture_probabilities(), self.seed)
         return EpochSampler(size, self.seed, shuffle=train)
 
-    def _loader(self, split: str, train: bool, keep_word_ids: bool = False) -> StatefulDataLoader:
+    def _loader(self, split: str, train: bool, keep_word_ids: bool = False) -> EpochLoader:
         dataset = BlockDataset(self._samples()[split])
         if len(dataset) == 0:
             raise ValueError(f"the {split} split of corpus {self._corpus_specs!r} gives no "
                              f"sample of max_length={self.max_length} tokens; lower max_length "
                              "or add text")
-        return StatefulDataLoader(
+        return EpochLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
             sampler=self._sampler(split, train),
@@ -301,13 +344,16 @@ class MaskedLMDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
             drop_last=train,
+            # Worker seeds come from this generator, not the global one, so creating an
+            # iterator (each epoch, or on resume) leaves the RNG that dropout uses untouched.
+            generator=torch.Generator().manual_seed(derive_seed(self.seed, int(train))),
         )
 
-    def train_dataloader(self) -> StatefulDataLoader:
+    def train_dataloader(self) -> EpochLoader:
         return self._loader("train", train=True)
 
-    def val_dataloader(self) -> StatefulDataLoader:
+    def val_dataloader(self) -> EpochLoader:
         return self._loader("validation", train=False)
 
-    def test_dataloader(self) -> StatefulDataLoader:
+    def test_dataloader(self) -> EpochLoader:
         return self._loader("validation", train=False)

@@ -31,9 +31,63 @@ from fillmask.data.tokenize import SpecialTokens
 PACKING_VERSION = "3"
 
 
-def encode_with_word_starts(tokenizer: Tokenizer, texts: list[str]
+LONG_TEXT = 1 << 16  # characters: longer texts are encoded in pieces
+ENCODE_GROUP = 1 << 20  # characters encoded by one encode_batch call
+
+
+def encode_with_word_starts(tokenizer: Tokenizer, texts: list[str], piece_size: int = LONG_TEXT
                             ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Token ids (int32) and word-start flags (uint8) of each text, without special tokens."""
+    """Token ids (int32) and word-start flags (uint8) of each text, without special tokens.
+
+    A text longer than ``piece_size`` characters (a book on one line, say) is encoded in pieces
+    cut before spaces (:func:`split_long_text`), a few at a time: memory stays bounded (an
+    encoding costs about 100 bytes per character) and pieces are encoded in parallel. With the
+    whitespace-splitting pre-tokenizers (BERT, byte-level, Metaspace) the tokens are the same as
+    for the whole text; a tokenizer without a pre-tokenizer always gets whole texts.
+    """
+    cut = tokenizer.pre_tokenizer is not None
+    pieces, owners = [], []
+    for index, text in enumerate(texts):
+        for piece in split_long_text(text, piece_size) if cut else [text]:
+            pieces.append(piece)
+            owners.append(index)
+    parts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in texts]
+    for lo, hi in _groups([len(p) for p in pieces], ENCODE_GROUP):
+        for owner, encoded in zip(owners[lo:hi], _encode(tokenizer, pieces[lo:hi]), strict=True):
+            parts[owner].append(encoded)
+    return [p[0] if len(p) == 1 else (np.concatenate([ids for ids, _ in p]),
+                                      np.concatenate([starts for _, starts in p]))
+            for p in parts]
+
+
+def split_long_text(text: str, size: int = LONG_TEXT) -> list[str]:
+    """Cut ``text`` just before spaces (U+0020) into pieces of at most ``size`` characters where
+    it has spaces (a stretch without any stays whole); each piece after the first starts with
+    the space, so whitespace-splitting pre-tokenizers see the same words."""
+    pieces, start = [], 0
+    while len(text) - start > size:
+        cut = text.rfind(" ", start + 1, start + size)
+        cut = cut if cut > 0 else text.find(" ", start + size)
+        if cut < 0:
+            break
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def _groups(sizes: list[int], limit: int) -> list[tuple[int, int]]:
+    """``(lo, hi)`` ranges of consecutive items whose sizes add up to about ``limit``."""
+    ranges, lo, total = [], 0, 0
+    for hi, size in enumerate(sizes, 1):
+        total += size
+        if total >= limit or hi == len(sizes):
+            ranges.append((lo, hi))
+            lo, total = hi, 0
+    return ranges
+
+
+def _encode(tokenizer: Tokenizer, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
     # encode_batch, not encode_batch_fast: the fast variant leaves word ids and offsets empty.
     encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
     by_offsets = tokenizer.pre_tokenizer is None

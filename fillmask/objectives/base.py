@@ -8,10 +8,12 @@ objective, and `--model.help` lists them with the objective's own options.
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import torch
 from tokenizers import Tokenizer
 
@@ -93,22 +95,76 @@ class EncoderObjective(L.LightningModule):
         if tokenizer is not None:
             info["tokenizer"] = tokenizer.to_str()
         checkpoint["fillmask"] = info
+        # Dropout draws from the global generators: restoring them makes a resumed run's loss
+        # curve bitwise equal to the uninterrupted one (masking never uses them).
+        checkpoint["fillmask_rng"] = collect_rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_compatible(checkpoint, self)
+        start_next_epoch_afresh(checkpoint)
+        if "fillmask_rng" in checkpoint and self._trainer is not None:
+            restore_rng_states(checkpoint["fillmask_rng"])
 
     def _datamodule_tokenizer(self) -> Tokenizer | None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
         return getattr(datamodule, "tokenizer", None) if datamodule is not None else None
 
     def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        length = getattr(datamodule, "max_length", None)
+        limit = getattr(self.encoder, "max_positions", None)
+        if length is not None and limit is not None and length > limit:
+            raise MismatchError(
+                f"data.max_length={length} exceeds the encoder's max_positions={limit}; lower "
+                f"max_length to {limit} or build the encoder with max_positions >= {length}")
         tokenizer = self._datamodule_tokenizer()
         if tokenizer is None:
             return
         tokens = tokenizer.get_vocab_size()
         if tokens > self.encoder.vocab_size:
-            raise ValueError(
+            raise MismatchError(
                 f"the tokenizer has {tokens} tokens but the encoder's embedding has only "
                 f"{self.encoder.vocab_size} rows; set the encoder's vocab_size to at least "
                 f"{tokens} (the CLI links it from the data module) or use a smaller tokenizer"
             )
+
+
+def start_next_epoch_afresh(checkpoint: dict[str, Any]) -> None:
+    """Fix a resume gap of Lightning's loops: a checkpoint saved after an epoch completed (a
+    SIGTERM on the epoch's last batch lands there) still holds that epoch's batch counters, so
+    the resumed run would end the next epoch after one batch. Zero them, as a new epoch does."""
+    loops = checkpoint.get("loops", {}).get("fit_loop", {})
+    epochs, batches = loops.get("epoch_progress"), loops.get("epoch_loop.batch_progress")
+    if not epochs or not batches or not batches.get("is_last_batch"):
+        return
+    epoch = epochs["current"]
+    if epoch["completed"] == epoch["processed"] and batches["current"]["completed"] > 0:
+        batches["current"] = {key: 0 for key in batches["current"]}
+        batches["is_last_batch"] = False
+
+
+def collect_rng_states() -> dict[str, Any]:
+    """The global generators' states, in types ``torch.load(weights_only=True)`` accepts."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    """Set the global generators back to ``states`` (from :func:`collect_rng_states`)."""
+    torch.set_rng_state(states["torch"])
+    name, keys, position, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def warmup_then_decay(warmup: int, total: int, schedule: Schedule, floor: float):
@@ -171,3 +227,34 @@ def load_objective(path: str | Path) -> tuple[EncoderObjective, Tokenizer | None
     model.load_state_dict(ckpt["state_dict"])
     tokenizer = Tokenizer.from_str(info["tokenizer"]) if "tokenizer" in info else None
     return model, tokenizer
+
+
+class MismatchError(FillmaskError, ValueError):
+    """A configuration that cannot work (found before step 0), with the fix."""
+
+
+def check_compatible(checkpoint: dict[str, Any], model: EncoderObjective) -> None:
+    """Refuse to resume from a checkpoint of another objective, architecture or vocabulary,
+    with one line naming what differs, instead of a state-dict error from deep inside torch."""
+    info = checkpoint.get("fillmask") or {}
+    saved = info.get("encoder") or {}
+    ours = model.encoder.spec()
+    if saved and saved.get("class_path") != ours["class_path"]:
+        raise MismatchError(f"the checkpoint holds a {saved.get('class_path')} encoder but this "
+                            f"run builds a {ours['class_path']}; resume with the config that "
+                            "wrote the checkpoint, or start a new run without --ckpt_path")
+    differing = sorted(key for key, value in saved.get("init_args", {}).items()
+                       if key in ours["init_args"] and ours["init_args"][key] != value
+                       and "dropout" not in key)  # regularisation may change between runs
+    if differing:
+        key = differing[0]
+        raise MismatchError(
+            f"the checkpoint's encoder has {key}={saved['init_args'][key]!r} but this run's has "
+            f"{key}={ours['init_args'][key]!r} ({len(differing)} setting(s) differ: "
+            f"{', '.join(differing)}); resume with the config and tokenizer that wrote it, or "
+            "start from its weights with model.init_args.init_from")
+    objective = info.get("objective")
+    expected = f"{type(model).__module__}.{type(model).__qualname__}"
+    if objective and objective != expected and not isinstance(model, import_class(objective)):
+        raise MismatchError(f"the checkpoint was written by {objective}, this run trains "
+                            f"{expected}; resume with the same objective")
