@@ -41,5 +41,6 @@ def hf_bert_folder() -> Path:
     import importlib.util
 
     spec = importlib.util.find_spec("cognition")
-    assert spec is not None and spec.submodule_search_locations, "pip install -e '.[dev]'"
+    assert spec is not None and spec.submodule_search_locations, (
+        "the interop tests need the dev extra on Python >= 3.11: pip install -e '.[dev]'")
     return Path(next(iter(spec.submodule_search_locations))) / "model"
