@@ -67,7 +67,8 @@ class FillmaskCLI(LightningCLI):
 
     def before_fit(self) -> None:
         config = self.config_init[self.subcommand]
-        config["ckpt_path"] = resolve_resume_path(config.get("ckpt_path"), self.trainer)
+        if config.get("ckpt_path") in ("last", "auto"):  # explicit paths were checked above
+            config["ckpt_path"] = resolve_resume_path(config["ckpt_path"], self.trainer)
 
 
 def make_reliable(trainer: L.Trainer) -> None:

@@ -10,7 +10,12 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from fillmask.objectives.base import CheckpointError, EncoderObjective, load_objective
+from fillmask.objectives.base import (
+    CheckpointError,
+    EncoderObjective,
+    load_objective,
+    read_checkpoint,
+)
 
 
 def load_pretrained(source: str | Path) -> tuple[EncoderObjective, Tokenizer]:
@@ -31,6 +36,21 @@ def load_pretrained(source: str | Path) -> tuple[EncoderObjective, Tokenizer]:
         raise CheckpointError(f"{path} carries no tokenizer (tokenizer.json); fillmask needs the "
                               "tokenizer the model was trained with")
     return model, tokenizer
+
+
+def pretrained_tokenizer(source: str | Path) -> Tokenizer:
+    """The tokenizer of a pretrained model, without building the model: a checkpoint's stored
+    tokenizer (its weights stay unread) or a transformers folder's tokenizer.json."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        from fillmask.data.tokenize import load_tokenizer
+
+        return load_tokenizer(str(path))[0]
+    tokenizer = read_checkpoint(path)["fillmask"].get("tokenizer")
+    if tokenizer is None:
+        raise CheckpointError(f"{path} carries no tokenizer; fillmask needs the tokenizer the "
+                              "model was trained with")
+    return Tokenizer.from_str(tokenizer)
 
 
 def transfer_weights(target: EncoderObjective, source: EncoderObjective,

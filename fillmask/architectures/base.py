@@ -89,6 +89,15 @@ def encoder_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | N
     return {key: batch.get(key) for key in keys}
 
 
+def real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, T) True on real tokens: the attention mask, else non-padding document ids."""
+    if batch.get("attention_mask") is not None:
+        return batch["attention_mask"].bool()
+    if batch.get("document_ids") is not None:
+        return batch["document_ids"] >= 0
+    return torch.ones_like(batch["input_ids"], dtype=torch.bool)
+
+
 def pairwise_mask(
     attention_mask: torch.Tensor | None, document_ids: torch.Tensor | None
 ) -> torch.Tensor | None:

@@ -85,8 +85,7 @@ class EpochLoader(StatefulDataLoader):
             yield batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"loader": super().state_dict(), "yielded": self._yielded,
-                "epoch": getattr(self.sampler, "epoch", 0)}
+        return {"loader": super().state_dict(), "yielded": self._yielded}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "loader" not in state:  # a plain torchdata state

@@ -186,9 +186,9 @@ class LabelledDataModule(L.LightningDataModule):
         if self.tokenizer_path or Path(source).expanduser().is_dir():
             tok, declared = load_tokenizer(source)
             return tok, resolve_special_tokens(tok, declared, source=str(source))
-        from fillmask.pretrained import load_pretrained
+        from fillmask.pretrained import pretrained_tokenizer
 
-        _, tok = load_pretrained(source)
+        tok = pretrained_tokenizer(source)
         return tok, resolve_special_tokens(tok, source=str(source))
 
     @property

@@ -47,6 +47,17 @@ class VocabInfo:
         """Every id that is not special: the pool uniform random replacements come from."""
         return np.flatnonzero(~self.is_special)
 
+    @cached_property
+    def unigram_cdf(self) -> np.ndarray:
+        """Cumulative unigram distribution over ordinary tokens (specials get zero mass)."""
+        counts = self.require_counts("unigram replacement").astype(np.float64).copy()
+        counts[self.is_special[: len(counts)]] = 0.0
+        if counts.sum() <= 0:
+            raise ValueError("unigram replacement needs a corpus with at least one ordinary token")
+        cdf = np.cumsum(counts) / counts.sum()
+        cdf[-1] = 1.0
+        return cdf
+
     def require_counts(self, scheme: str) -> np.ndarray:
         if self.counts is None:
             raise ValueError(f"{scheme} needs token counts; the data module computes them when "
@@ -67,6 +78,12 @@ class MaskedTokens:
     extras: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+def check_rate(name: str, value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name}={value} must lie in [0, 1]")
+    return value
+
+
 class Masking:
     """Base class of masking schemes: a pure function of (ids, word ids, randomness, vocabulary).
 
@@ -77,6 +94,21 @@ class Masking:
 
     needs_word_ids: bool = False
     needs_counts: bool = False
+    rate: float
+    eval_rate: float
+    corruption: Corruption
+
+    def _configure(self, rate: float, eval_rate: float | None, mask_fraction: float,
+                   random_fraction: float, replacement: str) -> None:
+        """The options every scheme shares: selection rates and the corruption split."""
+        name = type(self).__name__
+        self.rate = check_rate(f"{name} rate", rate)
+        self.eval_rate = check_rate(f"{name} eval_rate", rate if eval_rate is None else eval_rate)
+        self.corruption = Corruption(name, mask_fraction, random_fraction, replacement)
+        self.needs_counts = replacement == "unigram"
+
+    def rate_for(self, train: bool) -> float:
+        return self.rate if train else self.eval_rate
 
     def __call__(
         self,
@@ -139,18 +171,5 @@ class Corruption:
         if self.replacement == "uniform":
             pool = vocab.ordinary_ids
             return pool[np.minimum((draws * len(pool)).astype(np.int64), len(pool) - 1)]
-        return np.searchsorted(_unigram_cdf(vocab), draws, side="right")
+        return np.searchsorted(vocab.unigram_cdf, draws, side="right")
 
-
-def _unigram_cdf(vocab: VocabInfo) -> np.ndarray:
-    """Cumulative unigram distribution over ordinary tokens (specials get zero mass)."""
-    cached = vocab.__dict__.get("_unigram_cdf")
-    if cached is None:
-        counts = vocab.require_counts("unigram replacement").astype(np.float64).copy()
-        counts[vocab.is_special[: len(counts)]] = 0.0
-        if counts.sum() <= 0:
-            raise ValueError("unigram replacement needs a corpus with at least one ordinary token")
-        cached = np.cumsum(counts) / counts.sum()
-        cached[-1] = 1.0
-        vocab.__dict__["_unigram_cdf"] = cached
-    return cached

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from fillmask.masking.base import Corruption, MaskedTokens, Masking, VocabInfo
+from fillmask.masking.base import MaskedTokens, Masking, VocabInfo
 from fillmask.masking.random import SampleRandom
-from fillmask.masking.token import REPLACE, Replacement, check_rate
+from fillmask.masking.token import REPLACE, Replacement
 from fillmask.masking.whole_word import gather, per_word
 
 CANDIDATES = 3  # random stream of span lengths, gaps, visiting order and decisions
@@ -63,9 +63,7 @@ class SpanMasking(Masking):
             eval_rate: Budget during validation and testing (defaults to ``rate``).
             replacement: ``uniform`` over the ordinary vocabulary or the corpus ``unigram``.
         """
-        self.rate = check_rate("SpanMasking rate", rate)
-        self.eval_rate = check_rate("SpanMasking eval_rate",
-                                    rate if eval_rate is None else eval_rate)
+        self._configure(rate, eval_rate, mask_fraction, random_fraction, replacement)
         if not 0.0 < geometric_p <= 1.0:
             raise ValueError(f"SpanMasking geometric_p={geometric_p} must lie in (0, 1]")
         if not 1 <= min_length <= max_length:
@@ -76,8 +74,6 @@ class SpanMasking(Masking):
         self.cdf = np.cumsum(self.probabilities)
         self.cdf[-1] = 1.0
         self.mean_length = float(np.arange(min_length, max_length + 1) @ self.probabilities)
-        self.corruption = Corruption("SpanMasking", mask_fraction, random_fraction, replacement)
-        self.needs_counts = replacement == "unigram"
 
     def __call__(
         self,
@@ -90,9 +86,8 @@ class SpanMasking(Masking):
         if word_ids is None:
             raise ValueError("SpanMasking needs word ids; the data module provides them")
         T = input_ids.shape[1]
-        rate = self.rate if train else self.eval_rate
-        ordinary = (word_ids >= 0) & ~vocab.special_mask(input_ids)  # (B, T)
-        word_ids = np.where(ordinary, word_ids, -1)
+        rate = self.rate_for(train)
+        ordinary = word_ids >= 0  # (B, T): -1 at special tokens and padding
         words = _WordTable(word_ids, ordinary)
         K = T // 2 + 1  # enough candidates to tile any row
         u = rng.uniform64(4 * K, CANDIDATES)  # (B, 4K)

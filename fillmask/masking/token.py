@@ -6,19 +6,13 @@ from typing import Literal
 
 import numpy as np
 
-from fillmask.masking.base import Corruption, MaskedTokens, Masking, VocabInfo
+from fillmask.masking.base import MaskedTokens, Masking, VocabInfo
 from fillmask.masking.random import SampleRandom
 
 SELECT, DECIDE, REPLACE = 0, 1, 2  # random streams
 
 Selection = Literal["uniform", "smoothed"]
 Replacement = Literal["uniform", "unigram"]
-
-
-def check_rate(name: str, value: float) -> float:
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name}={value} must lie in [0, 1]")
-    return value
 
 
 class TokenMasking(Masking):
@@ -50,15 +44,12 @@ class TokenMasking(Masking):
             replacement: Where random replacements come from: ``uniform`` over the ordinary
                 vocabulary, or ``unigram`` (the training corpus's token frequencies).
         """
-        self.rate = check_rate("TokenMasking rate", rate)
-        self.eval_rate = check_rate("TokenMasking eval_rate",
-                                    rate if eval_rate is None else eval_rate)
+        self._configure(rate, eval_rate, mask_fraction, random_fraction, replacement)
         if selection not in ("uniform", "smoothed"):
             raise ValueError(f"TokenMasking selection={selection!r}: choose uniform or smoothed")
         self.selection = selection
         self.smoothing = smoothing
-        self.corruption = Corruption("TokenMasking", mask_fraction, random_fraction, replacement)
-        self.needs_counts = selection == "smoothed" or replacement == "unigram"
+        self.needs_counts |= selection == "smoothed"
 
     def __call__(
         self,
@@ -69,7 +60,7 @@ class TokenMasking(Masking):
         word_ids: np.ndarray | None = None,
     ) -> MaskedTokens:
         T = input_ids.shape[1]
-        rate = self.rate if train else self.eval_rate
+        rate = self.rate_for(train)
         ordinary = ~vocab.special_mask(input_ids)  # (B, T)
         if self.selection == "uniform":
             selected = (rng.uniform(T, SELECT) < rate) & ordinary

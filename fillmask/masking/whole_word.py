@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from fillmask.masking.base import Corruption, MaskedTokens, Masking, VocabInfo
+from fillmask.masking.base import MaskedTokens, Masking, VocabInfo
 from fillmask.masking.random import SampleRandom
-from fillmask.masking.token import DECIDE, REPLACE, SELECT, Replacement, check_rate
+from fillmask.masking.token import DECIDE, REPLACE, SELECT, Replacement
 
 
 def gather(values: np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -51,12 +51,7 @@ class WholeWordMasking(Masking):
             eval_rate: Selection rate during validation and testing (defaults to ``rate``).
             replacement: ``uniform`` over the ordinary vocabulary or the corpus ``unigram``.
         """
-        self.rate = check_rate("WholeWordMasking rate", rate)
-        self.eval_rate = check_rate("WholeWordMasking eval_rate",
-                                    rate if eval_rate is None else eval_rate)
-        self.corruption = Corruption("WholeWordMasking", mask_fraction, random_fraction,
-                                     replacement)
-        self.needs_counts = replacement == "unigram"
+        self._configure(rate, eval_rate, mask_fraction, random_fraction, replacement)
 
     def __call__(
         self,
@@ -69,8 +64,7 @@ class WholeWordMasking(Masking):
         if word_ids is None:
             raise ValueError("WholeWordMasking needs word ids; the data module provides them")
         T = input_ids.shape[1]
-        rate = self.rate if train else self.eval_rate
-        in_word = (word_ids >= 0) & ~vocab.special_mask(input_ids)  # (B, T)
-        selected = (per_word(rng.uniform(T, SELECT), word_ids) < rate) & in_word
+        in_word = word_ids >= 0  # (B, T): -1 at special tokens and padding
+        selected = (per_word(rng.uniform(T, SELECT), word_ids) < self.rate_for(train)) & in_word
         decide = per_word(rng.uniform(T, DECIDE), word_ids)
         return self.corruption.apply(input_ids, selected, decide, rng, REPLACE, vocab)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from fillmask.architectures.base import Encoder
+from fillmask.architectures.base import Encoder, encoder_inputs
 from fillmask.errors import FillmaskError
 
 Schedule = Literal["linear", "cosine", "constant"]
@@ -61,6 +61,10 @@ class EncoderObjective(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["encoder"])
         self.encoder = encoder
+
+    def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Hidden states (B, T, C) of a collated batch."""
+        return self.encoder(batch["input_ids"], **encoder_inputs(batch))
 
     # Optimisation.
 
@@ -200,7 +204,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        # Memory-mapped: callers that want the metadata alone never read the weights.
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as error:
         raise CheckpointError(f"checkpoint {path} cannot be read ({error}); it may be "
                               "truncated: use an earlier checkpoint") from error

@@ -11,7 +11,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from fillmask.architectures.base import Encoder, encoder_inputs
+from fillmask.architectures.base import Encoder
 from fillmask.errors import FillmaskError
 from fillmask.masking.base import IGNORE_INDEX
 from fillmask.objectives.base import EncoderObjective
@@ -62,8 +62,11 @@ class TokenHead(nn.Module):
 class ClassificationObjective(EncoderObjective):
     """Shared by the fine-tuning objectives: the encoder, cross-entropy, accuracy and macro F1.
 
-    Subclasses build ``self.head`` and implement :meth:`logits_and_targets`.
+    Subclasses name their ``head_class`` (built as ``head_class(hidden, num_labels, dropout)``)
+    and implement :meth:`logits_and_targets`.
     """
+
+    head_class: type[nn.Module]
 
     def __init__(
         self,
@@ -82,8 +85,9 @@ class ClassificationObjective(EncoderObjective):
                 checkpoint); takes precedence over ``pretrained``.
             pretrained: A checkpoint written by ``fillmask fit`` or a transformers BERT folder;
                 its encoder (weights included) is fine-tuned and its tokenizer encodes the data.
-            num_labels: Number of classes; ``fillmask finetune`` links it from the data.
-            dropout: Dropout before the classifier.
+            num_labels: Number of classes (or tags); ``fillmask finetune`` links it from the
+                data.
+            dropout: Dropout before the classifier (after the pooler for sequences).
             learning_rate: Peak AdamW learning rate (BERT fine-tuning: 2e-5 to 5e-5).
             warmup_steps: Linear warm-up: a fraction (< 1) of all steps, or a step count.
             **kwargs: Other optimisation options of :class:`EncoderObjective` (weight_decay,
@@ -95,14 +99,11 @@ class ClassificationObjective(EncoderObjective):
         super().__init__(resolve_encoder(encoder, pretrained), learning_rate=learning_rate,
                          warmup_steps=warmup_steps, **kwargs)
         self.num_labels = num_labels
+        self.head = self.head_class(self.encoder.hidden_size, num_labels, dropout)
         self.val_loss = MeanMetric()
         self.val_accuracy = MulticlassAccuracy(num_labels, average="micro",
                                                ignore_index=IGNORE_INDEX)
         self.val_f1 = MulticlassF1Score(num_labels, average="macro", ignore_index=IGNORE_INDEX)
-
-    def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Hidden states (B, T, C) of a batch."""
-        return self.encoder(batch["input_ids"], **encoder_inputs(batch))
 
     def logits_and_targets(self, batch: dict[str, torch.Tensor]
                            ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,26 +160,7 @@ class SequenceClassification(ClassificationObjective):
     Batches carry ``labels`` of shape (B,). Logs ``val/accuracy`` and ``val/f1`` (macro).
     """
 
-    def __init__(
-        self,
-        encoder: Encoder | None = None,
-        pretrained: str | None = None,
-        num_labels: int = 2,
-        dropout: float = 0.1,
-        **kwargs: Any,
-    ) -> None:
-        """Configure sequence classification.
-
-        Args:
-            encoder: An encoder to fine-tune; takes precedence over ``pretrained``.
-            pretrained: A ``fillmask fit`` checkpoint or a transformers BERT folder.
-            num_labels: Number of classes; ``fillmask finetune`` links it from the data.
-            dropout: Dropout between the pooler and the classifier.
-            **kwargs: Optimisation options (learning_rate 2e-5, warmup_steps 0.1, ...) of
-                :class:`ClassificationObjective` and :class:`EncoderObjective`.
-        """
-        super().__init__(encoder, pretrained, num_labels, dropout, **kwargs)
-        self.head = SequenceHead(self.encoder.hidden_size, num_labels, dropout)
+    head_class = SequenceHead
 
     def logits_and_targets(self, batch: dict[str, torch.Tensor]
                            ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,26 +175,7 @@ class TokenClassification(ClassificationObjective):
     ``val/accuracy`` and macro ``val/f1`` over the labelled positions.
     """
 
-    def __init__(
-        self,
-        encoder: Encoder | None = None,
-        pretrained: str | None = None,
-        num_labels: int = 2,
-        dropout: float = 0.1,
-        **kwargs: Any,
-    ) -> None:
-        """Configure token classification.
-
-        Args:
-            encoder: An encoder to fine-tune; takes precedence over ``pretrained``.
-            pretrained: A ``fillmask fit`` checkpoint or a transformers BERT folder.
-            num_labels: Number of tags; ``fillmask finetune`` links it from the data.
-            dropout: Dropout before the per-token classifier.
-            **kwargs: Optimisation options (learning_rate 2e-5, warmup_steps 0.1, ...) of
-                :class:`ClassificationObjective` and :class:`EncoderObjective`.
-        """
-        super().__init__(encoder, pretrained, num_labels, dropout, **kwargs)
-        self.head = TokenHead(self.encoder.hidden_size, num_labels, dropout)
+    head_class = TokenHead
 
     def logits_and_targets(self, batch: dict[str, torch.Tensor]
                            ) -> tuple[torch.Tensor, torch.Tensor]:

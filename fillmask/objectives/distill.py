@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import nn
 
-from fillmask.architectures.base import Encoder, encoder_inputs
+from fillmask.architectures.base import Encoder, real_tokens
 from fillmask.errors import FillmaskError
 from fillmask.masking.base import IGNORE_INDEX
 from fillmask.objectives.base import CheckpointError, import_class
@@ -136,7 +136,7 @@ class Distillation(MaskedLM):
     def teacher_outputs(self, batch: dict[str, torch.Tensor]
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher's last hidden states (B, T, C') and masked-position logits (N, V')."""
-        hidden = self._teacher.encoder(batch["input_ids"], **encoder_inputs(batch))
+        hidden = self._teacher.encode(batch)
         selected = batch["labels"] != IGNORE_INDEX
         return hidden, self._teacher.head(hidden[selected])
 
@@ -239,15 +239,6 @@ def check_same_tokenizer(data: Tokenizer, teacher: Tokenizer, source: str) -> No
     if data.get_vocab() != teacher.get_vocab():
         raise DistillationError(f"the data's tokenizer maps tokens to other ids than the "
                                 f"teacher's; {fix}")
-
-
-def real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B, T) True on real tokens: the attention mask, else non-padding document ids."""
-    if batch.get("attention_mask") is not None:
-        return batch["attention_mask"].bool()
-    if batch.get("document_ids") is not None:
-        return batch["document_ids"] >= 0
-    return torch.ones_like(batch["input_ids"], dtype=torch.bool)
 
 
 # The student's shape and its initialisation from the teacher.

@@ -11,7 +11,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
 
-from fillmask.architectures.base import Encoder, encoder_inputs
+from fillmask.architectures.base import Encoder
 from fillmask.heads import MLMHead, PairHead
 from fillmask.masking.base import IGNORE_INDEX
 from fillmask.objectives.base import EncoderObjective, warmup_then_decay
@@ -82,9 +82,6 @@ class MaskedLM(EncoderObjective):
                        f"{counts['composed']} composed from the old tokenizer's pieces")
 
     # The loss.
-
-    def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.encoder(batch["input_ids"], **encoder_inputs(batch))  # (B, T, C)
 
     def mlm_loss(self, hidden: torch.Tensor, labels: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

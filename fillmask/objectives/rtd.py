@@ -25,7 +25,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy, BinaryPrecision, BinaryRecall
 
-from fillmask.architectures.base import Encoder, encoder_inputs
+from fillmask.architectures.base import Encoder, encoder_inputs, real_tokens
 from fillmask.heads import MLMHead
 from fillmask.masking.base import IGNORE_INDEX
 from fillmask.masking.random import derive_seed
@@ -153,10 +153,7 @@ class ReplacedTokenDetection(EncoderObjective):
         replaced = torch.zeros_like(selected)
         replaced[selected] = sampled != targets
         disc_logits = self.discriminator_head(self.encoder(corrupted, **inputs))  # (B, T)
-        real = batch.get("attention_mask")
-        real = torch.ones_like(selected) if real is None else real.bool()
-        if "document_ids" in batch:
-            real = real & (batch["document_ids"] >= 0)
+        real = real_tokens(batch)  # (B, T)
         disc_loss = F.binary_cross_entropy_with_logits(disc_logits[real].float(),
                                                        replaced[real].float())
         total = gen_loss + self.hparams.rtd_weight * disc_loss
