@@ -1,5 +1,5 @@
-"""The `fillmask` command: LightningCLI (fit/validate/test/predict) plus fill, inspect and
-tokenizer."""
+"""The `fillmask` command: LightningCLI (fit/validate/test/predict) plus fill, export, inspect,
+finetune, plugins and tokenizer."""
 
 from __future__ import annotations
 
@@ -14,8 +14,6 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-# Imported so that short class names (`class_path: BertEncoder`) resolve in YAML.
-from fillmask.architectures.bert import BertEncoder  # noqa: F401
 from fillmask.checkpointing import (
     PREEMPTED_EXIT_CODE,
     AtomicCheckpointIO,
@@ -23,7 +21,7 @@ from fillmask.checkpointing import (
     resolve_resume_path,
 )
 from fillmask.data.datamodule import MaskedLMDataModule
-from fillmask.data.mixture import CorpusSource  # noqa: F401
+from fillmask.data.mixture import CorpusSource  # noqa: F401  (short names of data options)
 from fillmask.data.packing import (  # noqa: F401
     ChunkPacking,
     DocumentPacking,
@@ -31,14 +29,8 @@ from fillmask.data.packing import (  # noqa: F401
     SentencePairs,
 )
 from fillmask.errors import FillmaskError
-from fillmask.masking.span import SpanMasking  # noqa: F401
-from fillmask.masking.token import TokenMasking  # noqa: F401
-from fillmask.masking.whole_word import WholeWordMasking  # noqa: F401
 from fillmask.objectives.base import EncoderObjective
-from fillmask.objectives.distill import Distillation  # noqa: F401
-from fillmask.objectives.mlm import MaskedLM  # noqa: F401
-from fillmask.objectives.rtd import ReplacedTokenDetection  # noqa: F401
-from fillmask.objectives.span_boundary import SpanBoundaryLM  # noqa: F401
+from fillmask.registry import GROUPS, load_plugins, registry
 
 
 class FillmaskCLI(LightningCLI):
@@ -81,7 +73,12 @@ def make_reliable(trainer: L.Trainer) -> None:
 
 
 def run_lightning(args: list[str] | None = None) -> FillmaskCLI:
-    """Run LightningCLI for MLM pretraining (``fillmask fit --config X.yaml``)."""
+    """Run LightningCLI for MLM pretraining (``fillmask fit --config X.yaml``).
+
+    Every registered architecture, objective and masking (fillmask's and installed plugins')
+    is imported first, so YAML may name them by class name alone."""
+    load_plugins()
+    check_resume_classes(sys.argv[1:] if args is None else args)
     return FillmaskCLI(
         EncoderObjective,
         MaskedLMDataModule,
@@ -89,6 +86,47 @@ def run_lightning(args: list[str] | None = None) -> FillmaskCLI:
         args=args,
         save_config_kwargs={"overwrite": True},
     )
+
+
+def check_resume_classes(args: list[str]) -> None:
+    """With ``--ckpt_path FILE``, make sure the classes the checkpoint was trained with import
+    before the config is parsed, so a missing plugin is one line naming the distribution to
+    install, not a parser error about an unknown class."""
+    from fillmask.objectives.base import checkpoint_classes, read_checkpoint
+
+    for index, word in enumerate(args):
+        path = word.partition("=")[2] if word.startswith("--ckpt_path=") else None
+        if word == "--ckpt_path" and index + 1 < len(args):
+            path = args[index + 1]
+        if path and Path(path).is_file():
+            resolve_resume_path(path, None)  # a broken file: one line naming it
+            checkpoint_classes(read_checkpoint(path))
+
+
+def plugins_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="fillmask plugins", description=(
+        "List the architectures, objectives and maskings that installed packages register "
+        "(fillmask's own included), and plugins that failed to load."))
+    parser.add_argument("--json", action="store_true", help="one JSON object per component")
+    args = parser.parse_args(argv)
+    found = registry()
+    rows = [(c.name, c.group, c.distribution, c.version, c.class_path) for c in found]
+    if args.json:
+        keys = ("name", "group", "distribution", "version", "class_path")
+        for row in rows:
+            print(json.dumps(dict(zip(keys, row, strict=True))))
+        for problem in found.failures:
+            print(json.dumps({"skipped": problem}))
+        return 0
+    header = ("name", "group", "distribution", "version", "class")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    counts = ", ".join(f"{len(found.group(g))} {g}" for g in GROUPS)
+    print(f"\n{counts}; use a name as `class_path: NAME` in a config")
+    for problem in found.failures:
+        print(f"skipped: {problem}")
+    return 0
 
 
 def fill_main(argv: list[str]) -> int:
@@ -154,22 +192,36 @@ def tokenizer_main(argv: list[str]) -> int:
     return 0
 
 
+def inspect_main(argv: list[str]) -> int:
+    from fillmask.inspection import inspect_main as run
+
+    return run(argv)
+
+
+def finetune_main(argv: list[str]) -> int:
+    from fillmask.finetune import finetune_main as run
+
+    return run(argv)
+
+
+def export_main(argv: list[str]) -> int:
+    from fillmask.interop.export import export_main as run
+
+    return run(argv)
+
+
+SUBCOMMANDS = {"fill": fill_main, "tokenizer": tokenizer_main, "plugins": plugins_main,
+               "inspect": inspect_main, "finetune": finetune_main, "export": export_main}
+"""Commands of their own; every other first word goes to LightningCLI (fit, validate, ...)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fillmask`` command; ``argv`` defaults to the command line."""
     words = sys.argv[1:] if argv is None else argv
-    if words and words[0] == "fill":
-        return fill_main(words[1:])
-    if words and words[0] == "tokenizer":
-        return tokenizer_main(words[1:])
-    if words and words[0] == "inspect":
-        from fillmask.inspection import inspect_main
-
-        return inspect_main(words[1:])
-    if words and words[0] == "finetune":
-        from fillmask.finetune import finetune_main
-
-        return finetune_main(words[1:])
+    command = SUBCOMMANDS.get(words[0]) if words else None
     try:
+        if command is not None:
+            return command(words[1:])
         run_lightning(argv)
     except FillmaskError as error:
         print(f"fillmask: error: {error}", file=sys.stderr)

@@ -17,12 +17,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from fillmask.data.labelled import LabelledDataModule
 from fillmask.errors import FillmaskError
 from fillmask.objectives.base import EncoderObjective
-
-# Imported so that short class names (`class_path: SequenceClassification`) resolve in YAML.
-from fillmask.objectives.classify import (  # noqa: F401
-    SequenceClassification,
-    TokenClassification,
-)
+from fillmask.registry import load_plugins
 
 
 class FinetuneCLI(LightningCLI):
@@ -37,6 +32,7 @@ class FinetuneCLI(LightningCLI):
 
 def run_finetune(args: list[str] | None = None) -> FinetuneCLI:
     """Run LightningCLI for fine-tuning (``fillmask finetune fit --config X.yaml``)."""
+    load_plugins()  # short names of every registered objective and architecture resolve
     return FinetuneCLI(
         EncoderObjective,
         LabelledDataModule,

@@ -7,6 +7,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def head_eps(encoder: nn.Module) -> float:
+    """The LayerNorm epsilon of an encoder's heads: the encoder's own ``norm_eps`` (as
+    transformers' BERT, DeBERTa and ModernBERT heads use their config's), else BERT's 1e-12."""
+    return float(getattr(encoder, "norm_eps", 1e-12))
+
+
 class MLMHead(nn.Module):
     """Transform (Linear -> GELU -> LayerNorm) then decode to the vocabulary, plus a bias.
 

@@ -19,10 +19,10 @@ import torch
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser
 
-import fillmask.cli  # noqa: F401  (imports the built-ins, so short class names resolve)
 from fillmask.data.datamodule import MaskedLMDataModule
 from fillmask.errors import FillmaskError
 from fillmask.masking.base import IGNORE_INDEX
+from fillmask.registry import load_plugins
 
 LEGEND = "{word} = [MASK] predicts `word`;  {word>other} = replaced by `other`;  {=word} = kept"
 
@@ -33,6 +33,9 @@ def datamodule_from_config(config: str, overrides: list[str]) -> MaskedLMDataMod
     if not path.is_file():
         raise FillmaskError(f"config {config} does not exist; give the YAML you pass to fit")
     section = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("data") or {}
+    load_plugins()  # registered maskings resolve by short name
+    import fillmask.cli  # noqa: F401  (and so do the data options)
+
     parser = LightningArgumentParser(exit_on_error=False)
     parser.add_class_arguments(MaskedLMDataModule, "data", fail_untyped=False, sub_configs=True)
     try:

@@ -2,36 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-@pytest.fixture(scope="session", autouse=True)
-def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Every test builds corpora and tokenizers in one fresh session cache, never in ~/.cache."""
-    cache = tmp_path_factory.mktemp("fillmask-cache")
-    previous = os.environ.get("FILLMASK_CACHE")
-    os.environ["FILLMASK_CACHE"] = str(cache)
-    yield cache
-    if previous is None:
-        os.environ.pop("FILLMASK_CACHE", None)
-    else:
-        os.environ["FILLMASK_CACHE"] = previous
-
-
-@pytest.fixture(scope="session")
-def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A plain-text corpus of a few hundred paragraphs taken from the embedded corpus."""
-    from fillmask.data.embedded import python_docs_documents
-
-    docs = python_docs_documents()[:60]
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n\n".join(d.text for d in docs) + "\n", encoding="utf-8")
-    return path
+from fillmask.testing import isolated_cache, small_corpus  # noqa: F401  (shared fixtures)
 
 
 @pytest.fixture(scope="session")

@@ -57,6 +57,27 @@ def test_warmup_then_decay(schedule):
     assert scale(200) == pytest.approx(end)
 
 
+def test_decoupled_weight_decay_is_independent_of_the_learning_rate():
+    encoder = BertEncoder.preset("tiny", vocab_size=128)
+    plain = MaskedLM(encoder, learning_rate=5e-4, weight_decay=0.01)
+    assert plain._parameter_groups()[0]["weight_decay"] == 0.01
+    for rate in (5e-4, 1e-3):  # AdamW removes rate x decay per step: always 1e-5 here
+        model = MaskedLM(BertEncoder.preset("tiny", vocab_size=128), learning_rate=rate,
+                         weight_decay=1e-5, decoupled_weight_decay=True)
+        decay, no_decay = model._parameter_groups()
+        assert decay["weight_decay"] * rate == pytest.approx(1e-5)
+        assert no_decay["weight_decay"] == 0.0
+
+
+def test_warmup_stable_decay_holds_the_peak_then_decays_by_one_minus_sqrt():
+    scale = warmup_then_decay(10, 110, "wsd", 0.0, decay_fraction=0.2)  # decay from step 88
+    assert [scale(s) for s in (9, 10, 50, 88)] == pytest.approx([1.0] * 4)
+    assert scale(88 + 11) == pytest.approx(1 - (11 / 22) ** 0.5)
+    assert scale(110) == pytest.approx(0.0) and scale(98) > scale(99) > scale(100)
+    with pytest.raises(ValueError, match="decay_fraction=0"):
+        warmup_then_decay(10, 110, "wsd", 0.0, decay_fraction=0.0)
+
+
 def test_vocabulary_larger_than_model_fails_before_training(small_corpus, tmp_path):
     dm = MaskedLMDataModule(corpus=str(small_corpus), tokenizer_training=TokenizerTraining(
         vocab_size=600), max_length=32, batch_size=8)

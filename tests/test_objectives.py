@@ -110,6 +110,7 @@ def test_sbo_reads_boundary_states_not_the_masked_ones(small_corpus):
 
 @pytest.mark.parametrize("sharing", ["tied", "gdes"])
 def test_replaced_token_detection_learns_and_reloads(small_corpus, tmp_path, sharing):
+    torch.manual_seed(0)  # the weights' initialisation, whatever ran before in this process
     dm = data(small_corpus, masking=TokenMasking(mask_fraction=0.85, random_fraction=0.0))
     encoder = tiny(dm, hidden_size=64, num_heads=2, intermediate_size=128)
     model = ReplacedTokenDetection(encoder, generator_size_divisor=2, learning_rate=3e-3,
@@ -149,6 +150,16 @@ def test_gdes_stops_discriminator_gradients_at_the_shared_embedding(small_corpus
     assert grad_gen.abs().sum() > 0
     merged = model.discriminator()
     torch.testing.assert_close(merged.embeddings.tokens.weight, shared + delta)
+
+
+def test_generator_overrides_change_the_generator_alone(small_corpus):
+    dm = data(small_corpus)
+    model = ReplacedTokenDetection(tiny(dm), generator_size_divisor=1, generator_layers=1,
+                                   generator_overrides={"activation": "relu"})
+    assert model.generator.spec()["init_args"]["activation"] == "relu"
+    assert model.encoder.spec()["init_args"]["activation"] == "gelu"
+    with pytest.raises(ValueError, match=r"generator_overrides names \['depth'\]"):
+        ReplacedTokenDetection(tiny(dm), generator_overrides={"depth": 3})
 
 
 def test_tied_sharing_trains_one_table_from_both_losses(small_corpus):

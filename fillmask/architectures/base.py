@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from fillmask.interop.hf import TransformersModel
 
 
 class Encoder(nn.Module):
@@ -15,7 +18,9 @@ class Encoder(nn.Module):
 
     An encoder owns its token embedding (objectives tie their output layers to it) and maps
     ``input_ids`` of shape (B, T) to hidden states of shape (B, T, hidden_size).
-    Subclasses expose ``vocab_size``, ``hidden_size`` and ``max_positions`` as attributes.
+    Subclasses expose ``vocab_size``, ``hidden_size`` and ``max_positions`` as attributes, and
+    may expose ``norm_eps``, the LayerNorm epsilon objectives then give their heads (transformers
+    heads use their encoder's; without it heads use BERT's 1e-12).
 
     The arguments a subclass was built with are recorded automatically, so a checkpoint can
     rebuild the encoder without the YAML that made it (see :meth:`spec`).
@@ -24,6 +29,9 @@ class Encoder(nn.Module):
     vocab_size: int
     hidden_size: int
     max_positions: int
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    """Named sizes for :meth:`preset`; every encoder has at least ``tiny`` (tests)."""
+    EMBEDDING_ROLES: ClassVar[tuple[str, ...]] = ("tokens", "positions", "token_types")
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -51,9 +59,55 @@ class Encoder(nn.Module):
             "init_args": dict(getattr(self, "_init_args", {})),
         }
 
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> Encoder:
+        """Build a named size of :attr:`presets`, overriding any argument."""
+        if name not in cls.presets:
+            raise ValueError(f"preset {name!r} is unknown; use one of {sorted(cls.presets)}")
+        return cls(**{**cls.presets[name], **overrides})
+
     def token_embedding(self) -> nn.Embedding:
         """The input token embedding, to which MLM decoders tie their weights."""
-        raise NotImplementedError
+        return self.embedding_tables()["tokens"]
+
+    def embedding_tables(self) -> dict[str, nn.Module]:
+        """The input embedding tables by role: ``tokens`` always, then whichever of
+        ``positions`` and ``token_types`` the architecture has. ELECTRA's generator and
+        discriminator share these (see :meth:`set_embedding_table`).
+
+        The default finds them as attributes of an ``embeddings`` submodule named by role
+        (``embeddings.tokens``, ...); encoders laid out otherwise override both methods.
+        """
+        embeddings = getattr(self, "embeddings", None)
+        if embeddings is None:
+            raise NotImplementedError(f"{type(self).__name__} has no `embeddings` module; "
+                                      "override embedding_tables and set_embedding_table")
+        tables = {role: getattr(embeddings, role, None) for role in self.EMBEDDING_ROLES}
+        return {role: table for role, table in tables.items() if table is not None}
+
+    def set_embedding_table(self, role: str, table: nn.Module) -> None:
+        """Replace the table of ``role`` (a key of :meth:`embedding_tables`) with ``table``, an
+        ``nn.Embedding`` or a module with the same ``weight`` and call signature."""
+        roles = self.embedding_tables()
+        if role not in roles:
+            raise KeyError(f"{type(self).__name__} has no {role!r} embedding; roles: "
+                           f"{sorted(roles)}")
+        setattr(self.embeddings, role, table)
+
+    def resized(self, **changes: Any) -> Encoder:
+        """A fresh encoder of this class with some constructor arguments changed.
+
+        ELECTRA builds its generator with ``resized(hidden_size=..., intermediate_size=...,
+        num_heads=..., num_layers=..., embedding_size=...)``; encoders whose constructors name
+        these arguments differently override this.
+        """
+        return type(self)(**{**self.spec()["init_args"], **changes})
+
+    def to_transformers(self, head: nn.Module | None = None) -> TransformersModel:
+        """This encoder, with an MLM head (:class:`~fillmask.heads.MLMHead`) or without, as
+        the equivalent transformers model: its class name, ``config.json`` and weights.
+        ``fillmask export`` writes it; encoders without an equivalent raise ValueError."""
+        raise ValueError(f"{type(self).__name__} has no transformers equivalent to export to")
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs (forward + backward) per token at sequence length ``seq_len``.
@@ -81,6 +135,15 @@ class Encoder(nn.Module):
         (-1 on padding): a token attends only to tokens of its own document.
         """
         raise NotImplementedError
+
+
+def normal_init(module: nn.Module, std: float) -> None:
+    """BERT's initialisation, for ``encoder.apply``: linear and embedding weights from
+    N(0, std), linear biases zero (norms keep their defaults)."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=std)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
 
 
 def encoder_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:

@@ -4,6 +4,7 @@ export names, and import of a transformers folder."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,9 +19,39 @@ if TYPE_CHECKING:
     from fillmask.objectives.mlm import MaskedLM
 
 
+@dataclass
+class TransformersModel:
+    """A fillmask model in transformers' terms: what ``fillmask export`` writes."""
+
+    architecture: str
+    """The transformers class that loads it, e.g. ``BertForMaskedLM``."""
+    config: dict[str, Any]
+    """``config.json`` fields, ``model_type`` included."""
+    weights: dict[str, torch.Tensor]
+    """The state dict under the transformers class's parameter names."""
+
+
+def bert_to_transformers(encoder: BertEncoder, head: MLMHead | None) -> TransformersModel:
+    """``BertForMaskedLM`` (with ``head``) or ``BertModel`` (without)."""
+    config = {"model_type": "bert", **bert_config_dict(encoder)}
+    if head is None:
+        return TransformersModel("BertModel", config, bert_state_dict_to_hf(encoder))
+    weights = {**bert_state_dict_to_hf(encoder, "bert."), **mlm_head_state_dict_to_hf(head)}
+    config["tie_word_embeddings"] = head.decoder is None
+    return TransformersModel("BertForMaskedLM", config, weights)
+
+
 def bert_config_dict(encoder: BertEncoder) -> dict[str, object]:
-    """The transformers ``BertConfig`` fields that describe ``encoder`` (post-LN only)."""
+    """The transformers ``BertConfig`` fields that describe ``encoder`` (post-LN, learned
+    positions and an MLP feed-forward only; ``unpad`` is an execution detail and exports)."""
     args = encoder.spec()["init_args"]
+    if args.get("positions", "learned") != "learned":
+        raise ValueError(f"positions={args['positions']!r} (MosaicBERT's ALiBi attention biases) "
+                         "has no transformers BertModel equivalent, which only has learned "
+                         "absolute positions; export encoders with positions='learned'")
+    if args.get("ffn", "mlp") != "mlp":
+        raise ValueError(f"ffn={args['ffn']!r} (a gated-linear-unit feed-forward) has no "
+                         "transformers BertModel equivalent; export encoders with ffn='mlp'")
     if args["norm"] != "post" or not args["embedding_norm"]:
         raise ValueError("only post-LN BertEncoders with an embedding LayerNorm have a "
                          "transformers BertModel equivalent")

@@ -20,7 +20,7 @@ from tokenizers import Tokenizer
 from fillmask.architectures.base import Encoder, encoder_inputs
 from fillmask.errors import FillmaskError
 
-Schedule = Literal["linear", "cosine", "constant"]
+Schedule = Literal["linear", "cosine", "constant", "wsd"]
 
 
 class CheckpointError(FillmaskError):
@@ -41,6 +41,8 @@ class EncoderObjective(L.LightningModule):
         schedule: Schedule = "linear",
         min_lr_ratio: float = 0.0,
         total_steps: int | None = None,
+        decay_fraction: float = 0.1,
+        decoupled_weight_decay: bool = False,
     ) -> None:
         """Configure optimisation.
 
@@ -52,11 +54,18 @@ class EncoderObjective(L.LightningModule):
             betas: AdamW betas.
             eps: AdamW epsilon.
             warmup_steps: Linear warm-up length: optimiser steps, or a fraction (< 1) of all steps.
-            schedule: Decay after warm-up: ``linear``, ``cosine`` or ``constant``.
+            schedule: Decay after warm-up: ``linear``, ``cosine``, ``constant``, or ``wsd``
+                (warm-up-stable-decay, ModernBERT's trapezoid: the peak rate until the last
+                ``decay_fraction`` of the steps, then a 1 - sqrt decay to ``min_lr_ratio``).
             min_lr_ratio: Final learning rate as a fraction of the peak.
             total_steps: Length of the schedule in optimiser steps; defaults to the trainer's
                 (``max_steps`` or epochs). Set it when one schedule spans several runs, as
                 BERT's sequence-128 and sequence-512 phases do.
+            decay_fraction: Share of all steps that ``wsd`` spends decaying.
+            decoupled_weight_decay: Read ``weight_decay`` as the fraction of each weight removed
+                per step at the peak rate, independent of the learning rate's size (Composer's
+                DecoupledAdamW, used by MosaicBERT and ModernBERT: 1e-5). Off: PyTorch's AdamW,
+                which removes ``learning_rate x weight_decay`` per step.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["encoder"])
@@ -76,7 +85,7 @@ class EncoderObjective(L.LightningModule):
         total = hp.total_steps or max(1, int(self.trainer.estimated_stepping_batches))
         warmup = hp.warmup_steps
         warmup = int(warmup * total) if isinstance(warmup, float) and warmup < 1 else int(warmup)
-        scale = warmup_then_decay(warmup, total, hp.schedule, hp.min_lr_ratio)
+        scale = warmup_then_decay(warmup, total, hp.schedule, hp.min_lr_ratio, hp.decay_fraction)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, scale)
         schedule = {"scheduler": scheduler, "interval": "step"}
         return {"optimizer": optimizer, "lr_scheduler": schedule}
@@ -87,14 +96,27 @@ class EncoderObjective(L.LightningModule):
             if not param.requires_grad:
                 continue
             (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
-        return [{"params": decay, "weight_decay": self.hparams.weight_decay},
+        hp = self.hparams
+        # AdamW multiplies weight decay by the current rate; dividing by the peak rate makes
+        # the per-step decay weight_decay x (rate / peak), DecoupledAdamW's.
+        weight_decay = hp.weight_decay / hp.learning_rate if hp.decoupled_weight_decay \
+            else hp.weight_decay
+        return [{"params": decay, "weight_decay": weight_decay},
                 {"params": no_decay, "weight_decay": 0.0}]
 
     # Checkpoints carry what inference needs to rebuild the model without the YAML.
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        info: dict[str, Any] = {"encoder": self.encoder.spec(),
-                                "objective": f"{type(self).__module__}.{type(self).__qualname__}"}
+        from fillmask.registry import provenance
+
+        info: dict[str, Any] = {
+            "encoder": self.encoder.spec(),
+            "objective": f"{type(self).__module__}.{type(self).__qualname__}",
+            # Which installed packages provided the classes: a reader without them is told
+            # what to install.
+            "provenance": {"encoder": provenance(type(self.encoder)),
+                           "objective": provenance(type(self))},
+        }
         tokenizer = self._datamodule_tokenizer()
         if tokenizer is not None:
             info["tokenizer"] = tokenizer.to_str()
@@ -171,14 +193,22 @@ def restore_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def warmup_then_decay(warmup: int, total: int, schedule: Schedule, floor: float):
-    """Learning-rate multiplier: linear warm-up to 1, then decay to ``floor`` at ``total``."""
+def warmup_then_decay(warmup: int, total: int, schedule: Schedule, floor: float,
+                      decay_fraction: float = 0.1):
+    """Learning-rate multiplier: linear warm-up to 1, then decay to ``floor`` at ``total``
+    (``wsd``: hold 1 until the last ``decay_fraction`` of the steps, then 1 - sqrt decay)."""
+    if schedule == "wsd" and not 0.0 < decay_fraction <= 1.0:
+        raise ValueError(f"decay_fraction={decay_fraction} must be in (0, 1]")
 
     def scale(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         if schedule == "constant":
             return 1.0
+        if schedule == "wsd":
+            start = max(warmup, total - int(decay_fraction * total))
+            progress = min(1.0, max(0, step - start) / max(1, total - start))
+            return floor + (1.0 - floor) * (1.0 - math.sqrt(progress))
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         shape = 1.0 - progress if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
         return floor + (1.0 - floor) * shape
@@ -186,16 +216,32 @@ def warmup_then_decay(warmup: int, total: int, schedule: Schedule, floor: float)
     return scale
 
 
-def import_class(path: str) -> type:
-    """Import ``package.module.Class``."""
+def import_class(path: str, origin: dict[str, str] | None = None) -> type:
+    """Import ``package.module.Class``; ``origin`` (``{"distribution", "version"}``, from a
+    checkpoint's provenance) names the package to install when the import fails."""
     import importlib
 
     module, _, name = path.rpartition(".")
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as error:
-        raise CheckpointError(f"cannot import {path}: {error}; install the package that "
-                              "provides it") from error
+        if origin and origin.get("distribution"):
+            dist, version = origin["distribution"], origin.get("version", "")
+            hint = (f"it comes from the distribution {dist} (version {version} wrote this "
+                    f"checkpoint): pip install {dist}")
+        else:
+            hint = "install the package that provides it"
+        raise CheckpointError(f"cannot import {path} ({error}); {hint}") from error
+
+
+def checkpoint_classes(ckpt: dict[str, Any]) -> tuple[type, type]:
+    """The encoder and objective classes a checkpoint's metadata names, imported; a
+    :class:`CheckpointError` names the distribution to install when one is missing."""
+    info = ckpt["fillmask"]
+    origins = info.get("provenance", {})
+    encoder_cls = import_class(info["encoder"]["class_path"], origins.get("encoder"))
+    objective = info.get("objective", "fillmask.objectives.mlm.MaskedLM")
+    return encoder_cls, import_class(objective, origins.get("objective"))
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -221,9 +267,8 @@ def load_objective(path: str | Path) -> tuple[EncoderObjective, Tokenizer | None
 
     ckpt = read_checkpoint(path)
     info = ckpt["fillmask"]
-    encoder_cls = import_class(info["encoder"]["class_path"])
+    encoder_cls, model_cls = checkpoint_classes(ckpt)
     encoder: Encoder = encoder_cls(**info["encoder"]["init_args"])
-    model_cls = import_class(info.get("objective", "fillmask.objectives.mlm.MaskedLM"))
     parameters = inspect.signature(model_cls).parameters
     open_ended = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
     hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items()

@@ -26,7 +26,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy, BinaryPrecision, BinaryRecall
 
 from fillmask.architectures.base import Encoder, encoder_inputs, real_tokens
-from fillmask.heads import MLMHead
+from fillmask.heads import MLMHead, head_eps
 from fillmask.masking.base import IGNORE_INDEX
 from fillmask.masking.random import derive_seed
 from fillmask.objectives.base import EncoderObjective
@@ -50,21 +50,27 @@ class DeltaEmbedding(nn.Module):
         return F.embedding(ids, self.weight)
 
 
-def generator_from(discriminator: Encoder, size_divisor: int, num_layers: int | None) -> Encoder:
+def generator_from(discriminator: Encoder, size_divisor: int, num_layers: int | None,
+                   overrides: dict[str, Any] | None = None) -> Encoder:
     """A generator shaped like ``discriminator``: hidden and feed-forward sizes divided by
     ``size_divisor`` (ELECTRA: 4 small, 3 base), heads = hidden / 64, embeddings as wide as the
-    discriminator's (so they can be shared), ``num_layers`` (default: the same depth)."""
-    spec = discriminator.spec()
-    args = dict(spec["init_args"])
+    discriminator's (so they can be shared), ``num_layers`` (default: the same depth), then any
+    other constructor arguments in ``overrides``."""
+    args = discriminator.spec()["init_args"]
+    unknown = sorted(set(overrides or {}) - set(args))
+    if unknown:
+        raise ValueError(f"generator_overrides names {unknown}, which "
+                         f"{type(discriminator).__name__} does not take; use its arguments "
+                         f"({', '.join(sorted(args))})")
     hidden = args["hidden_size"] // size_divisor
-    args.update(
+    shape = dict(
         hidden_size=hidden,
         intermediate_size=args["intermediate_size"] // size_divisor,
         num_heads=max(1, hidden // 64) if size_divisor > 1 else args["num_heads"],
         embedding_size=getattr(discriminator, "embedding_size", args["hidden_size"]),
         num_layers=num_layers or args["num_layers"],
     )
-    return type(discriminator)(**args)
+    return discriminator.resized(**{**shape, **(overrides or {})})
 
 
 class DiscriminatorHead(nn.Module):
@@ -90,6 +96,7 @@ class ReplacedTokenDetection(EncoderObjective):
         rtd_weight: float = 50.0,
         embedding_sharing: Sharing = "tied",
         temperature: float = 1.0,
+        generator_overrides: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         """Configure the objective.
@@ -102,15 +109,19 @@ class ReplacedTokenDetection(EncoderObjective):
             rtd_weight: Weight of the discriminator loss (ELECTRA: 50; DeBERTa-v3: 10).
             embedding_sharing: ``tied`` (ELECTRA), ``gdes`` (DeBERTa-v3) or ``none``.
             temperature: Sampling temperature of the generator (Gumbel-max at 1.0).
+            generator_overrides: Encoder arguments of the generator alone (DeBERTa-v3:
+                ``{enhanced_mask_decoder: true}``, the decoder only its MLM head uses).
             **kwargs: Optimisation options of :class:`EncoderObjective`.
         """
         super().__init__(encoder, **kwargs)
         if embedding_sharing not in ("tied", "gdes", "none"):
             raise ValueError(f"embedding_sharing={embedding_sharing!r}: choose tied, gdes or none")
-        self.generator = generator_from(encoder, generator_size_divisor, generator_layers)
+        self.generator = generator_from(encoder, generator_size_divisor, generator_layers,
+                                        generator_overrides)
         self._share_embeddings(embedding_sharing)
         self.generator_head = MLMHead(self.generator.token_embedding(),
-                                      hidden_size=self.generator.hidden_size)
+                                      hidden_size=self.generator.hidden_size,
+                                      eps=head_eps(self.generator))
         self.discriminator_head = DiscriminatorHead(encoder.hidden_size)
         self.val_generator_loss = MeanMetric()
         self.val_discriminator_loss = MeanMetric()
@@ -120,19 +131,22 @@ class ReplacedTokenDetection(EncoderObjective):
         self.val_recall = BinaryRecall()
 
     def _share_embeddings(self, sharing: Sharing) -> None:
-        disc, gen = self.encoder.embeddings, self.generator.embeddings
         if sharing == "none":
             return
-        if disc.tokens.weight.shape != gen.tokens.weight.shape:
+        disc, gen = self.encoder.embedding_tables(), self.generator.embedding_tables()
+        shared = [role for role in disc if role in gen
+                  and disc[role].weight.shape == gen[role].weight.shape]
+        if "tokens" not in shared:
             raise ValueError(f"embedding_sharing={sharing!r} needs generator and discriminator "
-                             f"embeddings of one shape, got {tuple(gen.tokens.weight.shape)} and "
-                             f"{tuple(disc.tokens.weight.shape)}")
-        if sharing == "tied":
-            gen.tokens, gen.positions, gen.token_types = disc.tokens, disc.positions, \
-                disc.token_types
-        else:  # gdes: the discriminator reads the generator's tables through a delta
-            disc.tokens = DeltaEmbedding(gen.tokens)
-            disc.positions, disc.token_types = gen.positions, gen.token_types
+                             f"embeddings of one shape, got {tuple(gen['tokens'].weight.shape)} "
+                             f"and {tuple(disc['tokens'].weight.shape)}")
+        for role in shared:
+            if sharing == "tied":
+                self.generator.set_embedding_table(role, disc[role])
+            elif role == "tokens":  # gdes: the discriminator reads the generator's through a delta
+                self.encoder.set_embedding_table(role, DeltaEmbedding(gen[role]))
+            else:
+                self.encoder.set_embedding_table(role, gen[role])
 
     # The loss.
 
@@ -230,10 +244,10 @@ class ReplacedTokenDetection(EncoderObjective):
         """A standalone copy of the discriminator, its token embedding materialised under GDES
         (``shared + delta``): what downstream users fine-tune."""
         standalone = copy.deepcopy(self.encoder)
-        tokens = standalone.embeddings.tokens
+        tokens = standalone.embedding_tables()["tokens"]
         if isinstance(tokens, DeltaEmbedding):
             merged = nn.Embedding(*tokens.delta.shape)
             with torch.no_grad():
                 merged.weight.copy_(tokens.weight)
-            standalone.embeddings.tokens = merged
+            standalone.set_embedding_table("tokens", merged)
         return standalone

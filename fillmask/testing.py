@@ -1,0 +1,58 @@
+"""Test helpers for fillmask and for plugin packages: import the fixtures into a
+``conftest.py`` (``from fillmask.testing import isolated_cache, small_corpus``) and check an
+export with :func:`assert_export_matches`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Corpora and tokenizers are built in one fresh session cache, never in ~/.cache."""
+    cache = tmp_path_factory.mktemp("fillmask-cache")
+    previous = os.environ.get("FILLMASK_CACHE")
+    os.environ["FILLMASK_CACHE"] = str(cache)
+    yield cache
+    if previous is None:
+        os.environ.pop("FILLMASK_CACHE", None)
+    else:
+        os.environ["FILLMASK_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A plain-text corpus file: the first 60 documents of the embedded python-docs corpus."""
+    from fillmask.data.embedded import python_docs_documents
+
+    docs = python_docs_documents()[:60]
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n\n".join(d.text for d in docs) + "\n", encoding="utf-8")
+    return path
+
+
+def assert_export_matches(checkpoint: Path, folder: Path, architecture: str,
+                          text: str = "the [MASK] of a list is [MASK]") -> None:
+    """transformers loads ``folder`` (written by ``fillmask export`` from ``checkpoint``) as
+    ``architecture``, its tokenizer encodes ``text`` as fillmask's does, and its logits equal
+    fillmask's to 1e-5."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    from fillmask.objectives.base import load_objective
+
+    model, tokenizer = load_objective(checkpoint)
+    reference = AutoModelForMaskedLM.from_pretrained(folder).eval()
+    assert type(reference).__name__ == architecture
+    ids = torch.tensor([tokenizer.encode(text).ids])
+    assert AutoTokenizer.from_pretrained(folder)(text)["input_ids"] == ids[0].tolist()
+    with torch.no_grad():
+        ours = model.eval().head(model.encoder(ids))  # (1, T, V)
+        theirs = reference(input_ids=ids).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
