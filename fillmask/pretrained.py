@@ -1,4 +1,4 @@
-"""Start from a trained model: a fillmask checkpoint or a transformers BERT folder.
+"""Start from a trained model: a fillmask checkpoint or a transformers folder.
 
 Distillation teachers, fine-tuning and continued pretraining all begin here.
 """
@@ -20,13 +20,13 @@ from fillmask.objectives.base import (
 
 def load_pretrained(source: str | Path) -> tuple[EncoderObjective, Tokenizer]:
     """The objective (encoder + heads, trained weights) and tokenizer stored at ``source``:
-    a ``.ckpt`` written by ``fillmask fit``, or a transformers BERT folder (``config.json``,
+    a ``.ckpt`` written by ``fillmask fit``, or a transformers folder (``config.json``,
     weights, ``tokenizer.json``)."""
     path = Path(source).expanduser()
     if path.is_dir():
-        from fillmask.interop.hf import import_bert
+        from fillmask.interop.hf import import_transformers
 
-        model, tokenizer = import_bert(path)
+        model, tokenizer = import_transformers(path)
     elif path.is_file():
         model, tokenizer = load_objective(path)
     else:

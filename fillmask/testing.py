@@ -41,10 +41,11 @@ def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def assert_export_matches(checkpoint: Path, folder: Path, architecture: str,
                           text: str = "the [MASK] of a list is [MASK]") -> None:
     """transformers loads ``folder`` (written by ``fillmask export`` from ``checkpoint``) as
-    ``architecture``, its tokenizer encodes ``text`` as fillmask's does, and its logits equal
-    fillmask's to 1e-5."""
+    ``architecture``, its tokenizer encodes ``text`` as fillmask's does, its logits equal
+    fillmask's to 1e-5, and importing the folder back gives the checkpoint's weights exactly."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
+    from fillmask.interop.hf import import_transformers
     from fillmask.objectives.base import load_objective
 
     model, tokenizer = load_objective(checkpoint)
@@ -56,3 +57,7 @@ def assert_export_matches(checkpoint: Path, folder: Path, architecture: str,
         ours = model.eval().head(model.encoder(ids))  # (1, T, V)
         theirs = reference(input_ids=ids).logits
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    again, _ = import_transformers(folder)
+    original = model.state_dict()
+    assert set(again.state_dict()) == set(original)
+    assert all(torch.equal(v, original[k]) for k, v in again.state_dict().items())

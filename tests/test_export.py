@@ -54,9 +54,9 @@ def test_exported_model_gives_fillmask_logits(tmp_path, tie):
 
     tokenizer = Tokenizer.from_file(str(TOKENIZER))
     model = tiny_model(tie)
-    target = export_checkpoint(save_checkpoint(model, tokenizer, tmp_path / "m.ckpt"),
-                               tmp_path / "hf")
-    assert target.architecture == "BertForMaskedLM"
+    targets = export_checkpoint(save_checkpoint(model, tokenizer, tmp_path / "m.ckpt"),
+                                tmp_path / "hf")
+    assert list(targets) == [""] and targets[""].architecture == "BertForMaskedLM"
     exported = AutoModelForMaskedLM.from_pretrained(tmp_path / "hf").eval()
     assert type(exported).__name__ == "BertForMaskedLM"
     ids, mask = padded_batch(tokenizer)
@@ -115,3 +115,35 @@ def test_existing_output_is_kept_and_unexportable_models_are_one_line(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "post-LN" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "pre").exists()
+
+
+@pytest.mark.parametrize("sharing", ["tied", "gdes"])
+def test_electra_exports_discriminator_and_generator(tmp_path, sharing):
+    from transformers import ElectraForMaskedLM, ElectraForPreTraining
+
+    from fillmask.objectives.rtd import ReplacedTokenDetection
+
+    tokenizer = Tokenizer.from_file(str(TOKENIZER))
+    torch.manual_seed(0)
+    encoder = BertEncoder.preset("tiny", vocab_size=512, hidden_size=64, embedding_size=32)
+    model = ReplacedTokenDetection(encoder, generator_size_divisor=2, embedding_sharing=sharing)
+    with torch.no_grad():  # trained-looking weights: GDES deltas, head biases
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    model.eval()
+    checkpoint = save_checkpoint(model, tokenizer, tmp_path / "electra.ckpt")
+    written = export_checkpoint(checkpoint, tmp_path / "hf")
+    assert {k: v.architecture for k, v in written.items()} == {
+        "discriminator": "ElectraForPreTraining", "generator": "ElectraForMaskedLM"}
+    ids, mask = padded_batch(tokenizer)
+    real = mask.bool()
+    discriminator = ElectraForPreTraining.from_pretrained(tmp_path / "hf" / "discriminator")
+    generator = ElectraForMaskedLM.from_pretrained(tmp_path / "hf" / "generator")
+    with torch.no_grad():
+        ours = model.discriminator_head(model.discriminator()(ids, mask))  # (B, T)
+        theirs = discriminator.eval()(input_ids=ids, attention_mask=mask.long()).logits
+        assert (ours[real] - theirs[real]).abs().max() < 1e-5
+        ours = model.generator_head(model.generator(ids, mask))  # (B, T, V)
+        theirs = generator.eval()(input_ids=ids, attention_mask=mask.long()).logits
+        assert (ours[real] - theirs[real]).abs().max() < 1e-5
+    assert (tmp_path / "hf" / "generator" / "tokenizer.json").is_file()

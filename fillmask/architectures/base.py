@@ -32,6 +32,8 @@ class Encoder(nn.Module):
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     """Named sizes for :meth:`preset`; every encoder has at least ``tiny`` (tests)."""
     EMBEDDING_ROLES: ClassVar[tuple[str, ...]] = ("tokens", "positions", "token_types")
+    transformers_model_types: ClassVar[tuple[str, ...]] = ()
+    """The transformers ``model_type`` values :meth:`from_transformers` imports."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -108,6 +110,16 @@ class Encoder(nn.Module):
         the equivalent transformers model: its class name, ``config.json`` and weights.
         ``fillmask export`` writes it; encoders without an equivalent raise ValueError."""
         raise ValueError(f"{type(self).__name__} has no transformers equivalent to export to")
+
+    @classmethod
+    def from_transformers(cls, config: dict[str, Any], weights: dict[str, torch.Tensor]
+                          ) -> tuple[Encoder, dict[str, torch.Tensor] | None]:
+        """The inverse of :meth:`to_transformers`: an encoder with the weights of a transformers
+        model (``config``: its ``config.json``; ``weights``: its state dict), and the MLM head's
+        weights under :class:`~fillmask.heads.MLMHead` names (``dense.weight``, ``dense.bias``,
+        ``norm.weight``, ``norm.bias``, ``bias``, ``decoder``), or None without a head. Raise
+        ValueError for what the encoder cannot express."""
+        raise ValueError(f"{cls.__name__} imports no transformers models")
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs (forward + backward) per token at sequence length ``seq_len``.

@@ -13,7 +13,7 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -436,10 +436,19 @@ class BertEncoder(Encoder):
                 self.embeddings.positions.weight.copy_(table)
 
 
+    transformers_model_types = ("bert",)
+
     def to_transformers(self, head: nn.Module | None = None) -> TransformersModel:
         from fillmask.interop.hf import bert_to_transformers
 
         return bert_to_transformers(self, head)
+
+    @classmethod
+    def from_transformers(cls, config: dict[str, Any], weights: dict[str, torch.Tensor]
+                          ) -> tuple[BertEncoder, dict[str, torch.Tensor] | None]:
+        from fillmask.interop.hf import bert_from_transformers
+
+        return bert_from_transformers(config, weights)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Matmul FLOPs per token (forward + backward): weights plus attention scores and mix.

@@ -9,6 +9,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer
 
@@ -18,19 +19,39 @@ from fillmask.heads import MLMHead
 from fillmask.interop.hf import TransformersModel
 from fillmask.objectives.base import CheckpointError, EncoderObjective, load_objective
 
+if TYPE_CHECKING:
+    from fillmask.objectives.rtd import ReplacedTokenDetection
+
 
 class ExportError(FillmaskError):
     """A checkpoint or output folder ``fillmask export`` cannot use, and why."""
 
 
-def transformers_model(model: EncoderObjective) -> TransformersModel:
-    """The transformers equivalent of a trained objective: the encoder with its MLM head when
-    it has one (``...ForMaskedLM``), else the bare encoder."""
-    head = getattr(model, "head", None)
+def transformers_models(model: EncoderObjective) -> dict[str, TransformersModel]:
+    """The transformers equivalents of a trained objective, by subfolder ("" = the output
+    folder itself): the encoder with its MLM head when it has one (``...ForMaskedLM``), else the
+    bare encoder; an ELECTRA run gives ``discriminator`` and ``generator``."""
+    from fillmask.objectives.rtd import ReplacedTokenDetection
+
     try:
-        return model.encoder.to_transformers(head if isinstance(head, MLMHead) else None)
+        if isinstance(model, ReplacedTokenDetection):
+            return rtd_models(model)
+        head = getattr(model, "head", None)
+        return {"": model.encoder.to_transformers(head if isinstance(head, MLMHead) else None)}
     except ValueError as error:
         raise ExportError(f"cannot export: {error}") from error
+
+
+def rtd_models(model: ReplacedTokenDetection) -> dict[str, TransformersModel]:
+    """ELECTRA's classes for BERT encoders; other encoders export the discriminator as their
+    base model and the generator with its MLM head."""
+    from fillmask.architectures.bert import BertEncoder
+    from fillmask.interop.hf import electra_to_transformers
+
+    if isinstance(model.encoder, BertEncoder):
+        return electra_to_transformers(model)
+    return {"discriminator": model.discriminator().to_transformers(None),
+            "generator": model.generator.to_transformers(model.generator_head)}
 
 
 def tokenizer_files(tokenizer: Tokenizer, max_length: int) -> dict[str, str]:
@@ -73,9 +94,11 @@ def write_folder(target: TransformersModel, tokenizer: Tokenizer | None, max_len
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, overwrite: bool = False
-                      ) -> TransformersModel:
+                      ) -> dict[str, TransformersModel]:
     """Export ``checkpoint`` (written by ``fillmask fit``) to the transformers folder
-    ``output``; an existing non-empty folder is replaced only with ``overwrite``."""
+    ``output`` (ELECTRA runs: ``output/discriminator`` and ``output/generator``); an existing
+    non-empty folder is replaced only with ``overwrite``. Returns what was written, by
+    subfolder."""
     output = Path(output).expanduser()
     if output.exists() and not output.is_dir():
         raise ExportError(f"--output {output} is a file; give a folder to write")
@@ -83,9 +106,21 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, overwrite: boo
         raise ExportError(f"--output {output} exists and is not empty; choose another folder "
                           "or pass --overwrite to replace it")
     model, tokenizer = load_objective(checkpoint)
-    target = transformers_model(model)
-    write_folder(target, tokenizer, model.encoder.max_positions, output)
-    return target
+    targets = transformers_models(model)
+    if list(targets) == [""]:
+        write_folder(targets[""], tokenizer, model.encoder.max_positions, output)
+        return targets
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
+    try:
+        for name, target in targets.items():
+            write_folder(target, tokenizer, model.encoder.max_positions, staging / name)
+        if output.exists():
+            shutil.rmtree(output)
+        staging.rename(output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return targets
 
 
 def export_main(argv: list[str]) -> int:
@@ -102,13 +137,14 @@ def export_main(argv: list[str]) -> int:
     except ImportError:
         parser.error("export needs the hf extra: pip install 'fillmask[hf]'")
     try:
-        target = export_checkpoint(args.checkpoint, args.output, args.overwrite)
+        targets = export_checkpoint(args.checkpoint, args.output, args.overwrite)
     except (ExportError, CheckpointError) as error:
         parser.error(str(error))
-    count = sum(t.numel() for t in target.weights.values())
-    print(f"wrote {args.output}: {target.architecture} ({count / 1e6:.1f}M parameters, "
-          f"model_type {target.config['model_type']})")
+    for name, target in targets.items():
+        count = sum(t.numel() for t in target.weights.values())
+        print(f"wrote {Path(args.output) / name}: {target.architecture} ({count / 1e6:.1f}M "
+              f"parameters, model_type {target.config['model_type']})")
     return 0
 
 
-__all__ = ["ExportError", "export_checkpoint", "export_main", "transformers_model"]
+__all__ = ["ExportError", "export_checkpoint", "export_main", "transformers_models"]

@@ -11,12 +11,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tokenizers import Tokenizer
 
+from fillmask.architectures.base import Encoder
 from fillmask.architectures.bert import BertEncoder
 from fillmask.errors import FillmaskError
 from fillmask.heads import MLMHead
 
 if TYPE_CHECKING:
     from fillmask.objectives.mlm import MaskedLM
+    from fillmask.objectives.rtd import ReplacedTokenDetection
 
 
 @dataclass
@@ -41,10 +43,13 @@ def bert_to_transformers(encoder: BertEncoder, head: MLMHead | None) -> Transfor
     return TransformersModel("BertForMaskedLM", config, weights)
 
 
-def bert_config_dict(encoder: BertEncoder) -> dict[str, object]:
+def bert_config_dict(encoder: BertEncoder, factorised: bool = False) -> dict[str, object]:
     """The transformers ``BertConfig`` fields that describe ``encoder`` (post-LN, learned
-    positions and an MLP feed-forward only; ``unpad`` is an execution detail and exports)."""
+    positions and an MLP feed-forward only; ``unpad`` is an execution detail and exports).
+    ``factorised``: allow ELECTRA's embedding size (``ElectraConfig`` has one)."""
     args = encoder.spec()["init_args"]
+    if factorised:
+        args = {**args, "embedding_size": None}
     if args.get("positions", "learned") != "learned":
         raise ValueError(f"positions={args['positions']!r} (MosaicBERT's ALiBi attention biases) "
                          "has no transformers BertModel equivalent, which only has learned "
@@ -69,6 +74,48 @@ def bert_config_dict(encoder: BertEncoder) -> dict[str, object]:
         "type_vocab_size": args["type_vocab_size"], "layer_norm_eps": args["layer_norm_eps"],
         "initializer_range": args["initializer_range"],
     }
+
+
+def electra_to_transformers(model: ReplacedTokenDetection) -> dict[str, TransformersModel]:
+    """An ELECTRA run with BERT encoders as ``ElectraForPreTraining`` (the discriminator and
+    its replaced-token head, GDES deltas merged) and ``ElectraForMaskedLM`` (the generator)."""
+    discriminator, generator = model.discriminator(), model.generator
+    disc_weights = _electra_tensors(discriminator)
+    head = model.discriminator_head
+    _linear(disc_weights, "discriminator_predictions.dense", head.dense)
+    _linear(disc_weights, "discriminator_predictions.dense_prediction", head.score)
+    gen_weights = _electra_tensors(generator)
+    gen_head = model.generator_head
+    _linear(gen_weights, "generator_predictions.dense", gen_head.dense)
+    _norm(gen_weights, "generator_predictions.LayerNorm", gen_head.norm)
+    gen_weights["generator_lm_head.weight"] = gen_head.decoder_weight
+    gen_weights["generator_lm_head.bias"] = gen_head.bias
+    return {
+        "discriminator": TransformersModel("ElectraForPreTraining",
+                                           _electra_config(discriminator), _detached(disc_weights)),
+        "generator": TransformersModel(
+            "ElectraForMaskedLM",
+            {**_electra_config(generator), "tie_word_embeddings": gen_head.decoder is None},
+            _detached(gen_weights)),
+    }
+
+
+def _electra_config(encoder: BertEncoder) -> dict[str, object]:
+    return {"model_type": "electra", **bert_config_dict(encoder, factorised=True),
+            "embedding_size": encoder.embedding_size}
+
+
+def _electra_tensors(encoder: BertEncoder) -> dict[str, torch.Tensor]:
+    """ElectraModel names: BERT's under ``electra.``, plus the embedding projection."""
+    out = _bert_tensors(encoder, "electra.")
+    project = encoder.embeddings.project
+    if isinstance(project, torch.nn.Linear):
+        _linear(out, "electra.embeddings_project", project)
+    return out
+
+
+def _detached(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in weights.items()}
 
 
 def bert_state_dict_to_hf(encoder: BertEncoder, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -127,7 +174,7 @@ def _norm(out: dict[str, torch.Tensor], name: str, norm: torch.nn.LayerNorm) -> 
     out[f"{name}.bias"] = norm.bias
 
 
-# Import: a transformers BERT folder (config.json + weights + tokenizer) as fillmask modules.
+# Import: a transformers folder (config.json + weights + tokenizer) as fillmask modules.
 
 ACTIVATIONS_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                        "relu": "relu"}
@@ -156,15 +203,12 @@ def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     return renamed
 
 
-def encoder_from_hf_config(config: dict[str, Any], folder: Path) -> BertEncoder:
+def encoder_from_hf_config(config: dict[str, Any]) -> BertEncoder:
     """A post-LN BertEncoder with the shape a transformers ``BertConfig`` describes."""
-    if config.get("model_type") not in (None, "bert"):
-        raise HFImportError(f"{folder / 'config.json'} describes a {config.get('model_type')!r} "
-                           "model; fillmask imports BERT (model_type 'bert') folders")
     activation = ACTIVATIONS_FROM_HF.get(config.get("hidden_act", "gelu"))
     if activation is None:
-        raise HFImportError(f"{folder / 'config.json'}: hidden_act {config['hidden_act']!r} has "
-                           f"no fillmask equivalent ({sorted(ACTIVATIONS_FROM_HF)})")
+        raise ValueError(f"hidden_act {config['hidden_act']!r} has no fillmask equivalent "
+                         f"({sorted(ACTIVATIONS_FROM_HF)})")
     return BertEncoder(
         vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
         num_layers=config["num_hidden_layers"], num_heads=config["num_attention_heads"],
@@ -178,12 +222,87 @@ def encoder_from_hf_config(config: dict[str, Any], folder: Path) -> BertEncoder:
     )
 
 
-def import_bert(folder: str | Path) -> tuple[MaskedLM, Tokenizer | None]:
-    """Load a transformers ``BertForMaskedLM`` (or ``BertModel``) folder as a fillmask
-    :class:`MaskedLM` and its tokenizer (``None`` when the folder has none).
+def bert_from_transformers(config: dict[str, Any], weights: dict[str, torch.Tensor]
+                           ) -> tuple[BertEncoder, dict[str, torch.Tensor] | None]:
+    """A ``BertModel`` / ``BertForMaskedLM`` state dict as a BertEncoder, and its MLM head's
+    weights under :class:`~fillmask.heads.MLMHead` names (None without a head)."""
+    encoder = encoder_from_hf_config(config)
+    prefix = "bert." if any(k.startswith("bert.") for k in weights) else ""
+    targets = _bert_tensors(encoder, prefix)
+    missing = [k for k in targets if k not in weights
+               and not k.endswith("token_type_embeddings.weight")]
+    if missing:
+        raise ValueError(f"the weights lack {missing[0]} (and {len(missing) - 1} more); is it "
+                         "a BERT checkpoint?")
+    with torch.no_grad():
+        for name, target in targets.items():
+            if name in weights:
+                target.copy_(weights[name])
+    head = mlm_head_weights(weights, "cls.predictions.")
+    if head is not None:
+        check_head_activation(config.get("hidden_act", "gelu"))
+    return encoder, head
 
-    Weights map one to one (the inverse of the export mapping); a folder without an MLM head
-    gets a freshly initialised one.
+
+def check_head_activation(activation: str) -> None:
+    """BERT-layout heads apply the config's activation; fillmask's MLMHead applies exact GELU."""
+    if activation != "gelu":
+        raise ValueError(f"its MLM head applies {activation!r} where fillmask's MLMHead applies "
+                         "exact GELU ('gelu'); import the encoder without the head")
+
+
+def mlm_head_weights(weights: dict[str, torch.Tensor], prefix: str,
+                     names: dict[str, str] | None = None) -> dict[str, torch.Tensor] | None:
+    """The BERT-layout MLM head under ``prefix`` (``transform.dense``, ``transform.LayerNorm``,
+    ``decoder``, ``bias``) in MLMHead names; None when the weights have no head. ``names``
+    (MLMHead name -> transformers name below ``prefix``) describes other layouts."""
+    names = names or {"dense.weight": "transform.dense.weight",
+                      "dense.bias": "transform.dense.bias",
+                      "norm.weight": "transform.LayerNorm.weight",
+                      "norm.bias": "transform.LayerNorm.bias",
+                      "decoder": "decoder.weight", "bias": "bias"}
+    found = {ours: weights[prefix + theirs] for ours, theirs in names.items()
+             if prefix + theirs in weights}
+    return found if "dense.weight" in found else None
+
+
+def load_head(head: MLMHead, weights: dict[str, torch.Tensor]) -> None:
+    """Copy MLMHead-named ``weights`` into ``head``; a missing bias stays zero (heads without
+    one), the decoder is copied only when the head has its own."""
+    with torch.no_grad():
+        for name, target in (("dense.weight", head.dense.weight), ("norm.weight", head.norm.weight),
+                             ("dense.bias", head.dense.bias), ("norm.bias", head.norm.bias),
+                             ("bias", head.bias)):
+            if name in weights:
+                target.copy_(weights[name])
+            elif name.endswith("bias"):
+                target.zero_()
+        if head.decoder is not None and "decoder" in weights:
+            head.decoder.copy_(weights["decoder"])
+
+
+def architecture_for(model_type: str, source: str = "the folder") -> type[Encoder]:
+    """The registered architecture whose ``transformers_model_types`` has ``model_type``
+    (``source``, e.g. the config file, names where it was read in the error)."""
+    from fillmask.registry import registry
+
+    for component in registry().group("architectures").values():
+        if model_type in getattr(component.cls, "transformers_model_types", ()):
+            return component.cls
+    known = sorted(t for c in registry().group("architectures").values()
+                   for t in getattr(c.cls, "transformers_model_types", ()))
+    raise HFImportError(f"{source} has model_type {model_type!r}, which no installed "
+                        f"architecture imports (known: {', '.join(known)}); install the plugin "
+                        "that provides it")
+
+
+def import_transformers(folder: str | Path) -> tuple[MaskedLM, Tokenizer | None]:
+    """Load a transformers folder (``config.json``, weights, optionally ``tokenizer.json``) as
+    a fillmask :class:`MaskedLM` and its tokenizer (``None`` when the folder has none).
+
+    The architecture comes from ``model_type`` (``bert`` built in; plugins add theirs, e.g.
+    ``deberta-v2``, ``modernbert``). Weights map one to one (the inverse of the export); a
+    folder without an MLM head gets a freshly initialised one.
     """
     from fillmask.data.tokenize import load_tokenizer
     from fillmask.objectives.mlm import MaskedLM
@@ -193,28 +312,18 @@ def import_bert(folder: str | Path) -> tuple[MaskedLM, Tokenizer | None]:
     if not config_file.is_file():
         raise HFImportError(f"{folder} has no config.json; give a transformers model folder")
     config = json.loads(config_file.read_text(encoding="utf-8"))
-    encoder = encoder_from_hf_config(config, folder)
+    cls = architecture_for(config.get("model_type", "bert"), str(config_file))
+    try:
+        encoder, head = cls.from_transformers(config, read_hf_weights(folder))
+    except (ValueError, KeyError) as error:
+        raise HFImportError(f"{folder} cannot be imported as {cls.__name__}: {error}") from error
     model = MaskedLM(encoder, tie_embeddings=config.get("tie_word_embeddings", True))
-    weights = read_hf_weights(folder)
-    prefix = "bert." if any(k.startswith("bert.") for k in weights) else ""
-    missing = [k for k in _bert_tensors(encoder, prefix) if k not in weights
-               and not k.endswith("token_type_embeddings.weight")]
-    if missing:
-        raise HFImportError(f"{folder}: the weights lack {missing[0]} (and {len(missing) - 1} "
-                           "more); is it a BERT checkpoint?")
-    _copy_into(encoder, model.head, weights, prefix)
+    if head is not None:
+        load_head(model.head, head)
     tokenizer = None
     if (folder / "tokenizer.json").is_file():
         tokenizer, _ = load_tokenizer(str(folder))
     return model, tokenizer
 
 
-def _copy_into(encoder: BertEncoder, head: MLMHead, weights: dict[str, torch.Tensor],
-               prefix: str) -> None:
-    """Copy transformers-named ``weights`` into ``encoder`` and ``head`` (in place)."""
-    targets = {**_bert_tensors(encoder, prefix), **_mlm_head_tensors(head)}
-    tied = head.decoder is None
-    with torch.no_grad():
-        for name, target in targets.items():
-            if name in weights and not (tied and name == "cls.predictions.decoder.weight"):
-                target.copy_(weights[name])
+import_bert = import_transformers  # the name earlier releases used

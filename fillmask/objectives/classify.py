@@ -21,7 +21,7 @@ __all__ = ["ClassificationObjective", "SequenceClassification", "TokenClassifica
 
 def resolve_encoder(encoder: Encoder | None, pretrained: str | None) -> Encoder:
     """``encoder`` when given (e.g. rebuilt from a fine-tuned checkpoint), else the encoder of
-    the ``pretrained`` model (a fillmask checkpoint or a transformers BERT folder)."""
+    the ``pretrained`` model (a fillmask checkpoint or a transformers folder)."""
     if encoder is not None:
         return encoder
     if not pretrained:
@@ -83,7 +83,7 @@ class ClassificationObjective(EncoderObjective):
         Args:
             encoder: An encoder to fine-tune (built from scratch, or rebuilt from a fine-tuned
                 checkpoint); takes precedence over ``pretrained``.
-            pretrained: A checkpoint written by ``fillmask fit`` or a transformers BERT folder;
+            pretrained: A checkpoint written by ``fillmask fit`` or a transformers folder;
                 its encoder (weights included) is fine-tuned and its tokenizer encodes the data.
             num_labels: Number of classes (or tags); ``fillmask finetune`` links it from the
                 data.

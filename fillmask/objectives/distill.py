@@ -6,7 +6,7 @@ at temperature T (times T squared, so its gradients keep their size as T changes
 + ``alpha_mlm`` x the student's own MLM cross-entropy
 + ``alpha_cos`` x (1 - cosine similarity) of the two models' last hidden states on real tokens.
 
-The teacher (a fillmask checkpoint or a transformers BERT folder, see
+The teacher (a fillmask checkpoint or a transformers folder, see
 :func:`fillmask.pretrained.load_pretrained`) is loaded when the objective is built, never when a
 YAML is parsed. It is held outside the module tree: it is not in the state dict, the optimiser
 never sees it, Lightning cannot switch it to training mode, and it follows the student's device

@@ -47,7 +47,7 @@ class MaskedLM(EncoderObjective):
                 trained on the batch's ``pair_label`` (data: ``packing: SentencePairs``).
             pair_loss_weight: Weight of the sentence-pair loss in the total.
             init_from: Continued pretraining (BioBERT, SciBERT): start from this fillmask
-                checkpoint or transformers BERT folder. The encoder must have its shape; with a
+                checkpoint or transformers folder. The encoder must have its shape; with a
                 new (domain) tokenizer, rows of tokens both vocabularies share are copied and
                 new tokens start from the mean of their old pieces. Ignored when resuming a run
                 (the checkpoint's weights win).

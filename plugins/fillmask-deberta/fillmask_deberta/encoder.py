@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -247,6 +247,7 @@ class DebertaEncoder(Encoder):
     """The DeBERTa-v2/v3 encoder (He et al., 2021); defaults are DeBERTa-v3-base."""
 
     presets = PRESETS
+    transformers_model_types = ("deberta-v2",)
 
     def __init__(
         self,
@@ -346,6 +347,15 @@ class DebertaEncoder(Encoder):
         from fillmask_deberta.hf import to_transformers
 
         return to_transformers(self, head)
+
+    @classmethod
+    def from_transformers(cls, config: dict[str, Any], weights: dict[str, torch.Tensor]
+                          ) -> tuple[DebertaEncoder, dict[str, torch.Tensor] | None]:
+        """A transformers DeBERTa-v2/v3 model (see
+        :func:`fillmask_deberta.hf.from_transformers`)."""
+        from fillmask_deberta.hf import from_transformers
+
+        return from_transformers(config, weights)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Matmul FLOPs per token (forward + backward): weights plus attention.

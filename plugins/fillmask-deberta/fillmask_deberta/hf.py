@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fillmask.heads import MLMHead
-from fillmask.interop.hf import TransformersModel
+from fillmask.interop.hf import TransformersModel, check_head_activation, mlm_head_weights
 from fillmask_deberta.encoder import DebertaEncoder
 
 # Module names: ours -> transformers'. Per-layer names sit below blocks.{i} / encoder.layer.{i}.
@@ -235,3 +235,24 @@ def encoder_from_hf(config: dict[str, Any], state_dict: dict[str, torch.Tensor],
 
 def _invert(names: dict[str, str]) -> dict[str, str]:
     return {theirs: ours for ours, theirs in names.items()}
+
+
+NEW_HEAD_NAMES = {"dense.weight": "dense.weight", "dense.bias": "dense.bias",
+                  "norm.weight": "LayerNorm.weight", "norm.bias": "LayerNorm.bias",
+                  "bias": "bias"}
+"""MLMHead names -> the non-legacy ``DebertaV2ForMaskedLM`` head's (``lm_predictions.lm_head``,
+decoding with the word embeddings)."""
+
+
+def from_transformers(config: dict[str, Any], weights: dict[str, torch.Tensor]
+                      ) -> tuple[DebertaEncoder, dict[str, torch.Tensor] | None]:
+    """A ``DebertaV2Model`` / ``DebertaV2ForMaskedLM`` state dict as a DebertaEncoder and its
+    MLM head's weights in MLMHead names (legacy ``cls.predictions`` or ``lm_predictions``
+    layout; None without a head)."""
+    prefix = "deberta." if any(k.startswith("deberta.") for k in weights) else ""
+    encoder = encoder_from_hf(config, weights, prefix)
+    head = (mlm_head_weights(weights, "cls.predictions.")
+            or mlm_head_weights(weights, "lm_predictions.lm_head.", NEW_HEAD_NAMES))
+    if head is not None:
+        check_head_activation(config.get("hidden_act", "gelu"))
+    return encoder, head

@@ -142,3 +142,28 @@ def test_configurations_transformers_cannot_express_are_refused():
         encoder_from_hf({**config, "model_type": "deberta"}, {})
     with pytest.raises(UnsupportedConfig, match="lacks"):
         encoder_from_hf(config, {})
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["cls-predictions", "lm-predictions"])
+def test_import_a_transformers_masked_lm_folder(tmp_path, legacy):
+    """A DebertaV2ForMaskedLM folder (either head layout) becomes a fillmask MaskedLM with
+    transformers' logits."""
+    from fillmask.interop.hf import import_transformers
+
+    torch.manual_seed(0)
+    config = transformers.DebertaV2Config(**TINY, **dict(V3, max_relative_positions=512),
+                                          legacy=legacy)
+    reference = transformers.DebertaV2ForMaskedLM(config).eval()
+    with torch.no_grad():  # trained-looking head: non-zero biases
+        for name, parameter in reference.named_parameters():
+            if "predictions" in name and name.endswith("bias"):
+                parameter.normal_()
+    reference.save_pretrained(tmp_path)
+    model, tokenizer = import_transformers(tmp_path)
+    assert tokenizer is None and type(model.encoder).__name__ == "DebertaEncoder"
+    batch = padded_batch(40, types=False)
+    mask = batch["attention_mask"]
+    with torch.no_grad():
+        theirs = reference(batch["input_ids"], attention_mask=mask.long()).logits
+        ours = model.eval().head(model.encoder(batch["input_ids"], mask))
+    assert (theirs - ours)[mask].abs().max() < 1e-5

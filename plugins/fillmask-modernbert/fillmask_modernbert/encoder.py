@@ -267,6 +267,7 @@ class ModernBertEncoder(Encoder):
     """The ModernBERT encoder; its defaults are ModernBERT-base."""
 
     presets = PRESETS
+    transformers_model_types = ("modernbert",)
 
     def __init__(
         self,
@@ -369,6 +370,15 @@ class ModernBertEncoder(Encoder):
         from fillmask_modernbert.hf import to_transformers
 
         return to_transformers(self, head)
+
+    @classmethod
+    def from_transformers(cls, config: dict[str, Any], weights: dict[str, torch.Tensor]
+                          ) -> tuple[ModernBertEncoder, dict[str, torch.Tensor] | None]:
+        """A transformers ModernBERT model (see
+        :func:`fillmask_modernbert.hf.from_transformers`)."""
+        from fillmask_modernbert.hf import from_transformers
+
+        return from_transformers(config, weights)
 
     def layer_kinds(self) -> list[str]:
         """``global`` or ``local`` for each block."""

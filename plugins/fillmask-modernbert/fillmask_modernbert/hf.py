@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from fillmask.heads import MLMHead
-from fillmask.interop.hf import TransformersModel
+from fillmask.interop.hf import TransformersModel, mlm_head_weights
 from fillmask_modernbert.encoder import ModernBertEncoder
 
 # Our state-dict names -> transformers' (inside ``layers.i.`` for the block entries).
@@ -267,3 +267,23 @@ def rope_thetas(config: Mapping[str, Any]) -> tuple[float, float]:
                              "ModernBertEncoder implements the default rotary embedding only")
         thetas.append(params.get("rope_theta", config.get(old_key, default)))
     return thetas[0], thetas[1]
+
+
+HEAD_NAMES = {"dense.weight": "head.dense.weight", "dense.bias": "head.dense.bias",
+              "norm.weight": "head.norm.weight", "norm.bias": "head.norm.bias",
+              "decoder": "decoder.weight", "bias": "decoder.bias"}
+"""MLMHead names -> ``ModernBertForMaskedLM``'s head and decoder."""
+
+
+def from_transformers(config: Mapping[str, Any], weights: Mapping[str, torch.Tensor]
+                      ) -> tuple[ModernBertEncoder, dict[str, torch.Tensor] | None]:
+    """A ``ModernBertModel`` / ``ModernBertForMaskedLM`` state dict as a ModernBertEncoder and
+    its MLM head's weights in MLMHead names (None without a head). A head without biases
+    (ModernBERT's released models) imports with zero biases."""
+    prefix = "model." if any(k.startswith("model.") for k in weights) else ""
+    encoder = encoder_from_hf(config, weights, prefix)
+    head = mlm_head_weights(dict(weights), "", HEAD_NAMES)
+    if head is not None and config.get("classifier_activation", "gelu") != "gelu":
+        raise ValueError(f"its MLM head applies {config['classifier_activation']!r} where "
+                         "fillmask's MLMHead applies exact GELU; import the encoder alone")
+    return encoder, head

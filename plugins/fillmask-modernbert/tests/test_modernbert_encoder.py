@@ -272,3 +272,24 @@ def test_too_long_batch_is_a_clear_error():
 def test_registered_as_a_fillmask_architecture():
     found = {ep.name: ep for ep in entry_points(group="fillmask.architectures")}
     assert found["ModernBertEncoder"].load() is ModernBertEncoder
+
+
+def test_import_a_transformers_masked_lm_folder(tmp_path):
+    """A ModernBertForMaskedLM folder as released (no norm or head-dense biases) becomes a
+    fillmask MaskedLM with transformers' logits."""
+    from fillmask.interop.hf import import_transformers
+
+    torch.manual_seed(0)
+    config = transformers.ModernBertConfig(**hf_config(tiny()), attn_implementation="sdpa")
+    assert not config.norm_bias and not config.classifier_bias and config.decoder_bias
+    reference = transformers.ModernBertForMaskedLM(config).eval()
+    with torch.no_grad():
+        reference.decoder.bias.normal_()
+    reference.save_pretrained(tmp_path)
+    model, tokenizer = import_transformers(tmp_path)
+    assert tokenizer is None and type(model.encoder).__name__ == "ModernBertEncoder"
+    ids, attention = padded_batch()
+    with torch.no_grad():
+        theirs = reference(input_ids=ids, attention_mask=attention.long()).logits[attention]
+        ours = model.eval().head(model.encoder(ids, attention)[attention])
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
