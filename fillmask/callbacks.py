@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from tokenizers import Tokenizer
+from torch import nn
+
+from fillmask.data.tokenize import SpecialTokens, resolve_special_tokens
+from fillmask.errors import FillmaskError
+from fillmask.heads import MLMHead
 
 
 class FitSummary(L.Callback):
@@ -116,3 +126,276 @@ class Throughput(L.Callback):
         pl_module.log("tok/s", metrics["throughput/tokens_per_sec"], prog_bar=True,
                       on_step=True, on_epoch=False, logger=False)
         self._reset(now)
+
+
+def total_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of all ``grads`` taken as one vector (0-d float32, on the first's device)."""
+    device = grads[0].device
+    norms = [torch.linalg.vector_norm(g.detach(), dtype=torch.float32).to(device) for g in grads]
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+class GradNorm(L.Callback):
+    """Log the total L2 norm of the gradients, before clipping, as ``train/grad_norm``.
+
+    Measured in ``on_before_optimizer_step``: after backward (and, under fp16 mixed precision,
+    after unscaling), before Lightning clips the gradients and steps. Only the steps the trainer
+    logs (every ``trainer.log_every_n_steps``) compute it, so the others pay nothing. Under a
+    sharded strategy (FSDP) it is the norm of this process's shard.
+    """
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        every = trainer.log_every_n_steps
+        # global_step counts the optimizer steps taken; this one is number global_step + 1.
+        if every <= 0 or (trainer.global_step + 1) % every:
+            return
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"]
+                 if p.grad is not None]
+        if grads:
+            pl_module.log("train/grad_norm", total_grad_norm(grads), on_step=True,
+                          on_epoch=False)
+
+
+Candidates = list[tuple[str, float]]
+"""The top-k (token, probability) pairs predicted for one mask."""
+
+
+class FillMaskProbes(L.Callback):
+    """Watch the model learn: fill the masks of a few cloze sentences every N training steps.
+
+    Every ``every_n_steps`` optimizer steps and at the end of ``fit``, the current weights
+    (model in eval mode, without gradients) fill each mask of ``sentences``, written with the
+    tokenizer's mask token (``[MASK]`` or ``<mask>``). The ``top_k`` candidates are logged as a
+    text table (tag ``probe/fill_mask``) to every TensorBoard logger, or printed when the run has
+    none. With ``pseudo_perplexity`` the pseudo-perplexity of ``ppl_sentences`` (plain text,
+    every token masked in turn, in batches) is logged as ``probe/pseudo_perplexity``.
+
+    The probes run on rank zero (on every rank under a sharded strategy, whose forward needs
+    them all), draw no random numbers and restore each module's train/eval mode, so the
+    training run is the same with and without them. They need a model with an ``encoder`` and
+    a masked-LM ``head`` (``MaskedLM`` and its subclasses) and the data module's tokenizer.
+    """
+
+    def __init__(
+        self,
+        sentences: list[str],
+        every_n_steps: int = 500,
+        top_k: int = 5,
+        pseudo_perplexity: bool = False,
+        ppl_sentences: list[str] | None = None,
+        batch_size: int = 64,
+    ) -> None:
+        """Args:
+            sentences: Cloze sentences, each with at least one mask token.
+            every_n_steps: Probe every this many optimizer steps (and at the end of fit).
+            top_k: Candidates shown per mask.
+            pseudo_perplexity: Also log the pseudo-perplexity of ``ppl_sentences``.
+            ppl_sentences: Plain sentences (no mask) scored when ``pseudo_perplexity`` is on.
+            batch_size: Rows per forward pass when scoring (one row per token of
+                ``ppl_sentences``).
+        """
+        if not sentences:
+            raise ValueError("FillMaskProbes needs at least one sentence with a mask token")
+        for name, value in (("every_n_steps", every_n_steps), ("top_k", top_k),
+                            ("batch_size", batch_size)):
+            if value < 1:
+                raise ValueError(f"FillMaskProbes {name}={value} must be at least 1")
+        if pseudo_perplexity and not ppl_sentences:
+            raise ValueError("FillMaskProbes pseudo_perplexity=true needs ppl_sentences: plain "
+                             "sentences to score")
+        if ppl_sentences and not pseudo_perplexity:
+            rank_zero_warn("FillMaskProbes: ppl_sentences are ignored unless "
+                           "pseudo_perplexity=true")
+        self.sentences = list(sentences)
+        self.every_n_steps = every_n_steps
+        self.top_k = top_k
+        self.pseudo_perplexity = pseudo_perplexity
+        self.ppl_sentences = list(ppl_sentences or [])
+        self.batch_size = batch_size
+        self.last_predictions: list[list[Candidates]] = []
+        """Of the latest probe: per sentence, per mask, the top-k candidates."""
+        self.last_pseudo_perplexity: float | None = None
+        """Of the latest probe, when ``pseudo_perplexity`` is on."""
+        self._probed_step = -1
+
+    # Setup: encode the sentences once.
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._tokenizer, self._special = _tokenizer_of(trainer)
+        encoder, head = getattr(pl_module, "encoder", None), getattr(pl_module, "head", None)
+        if encoder is None or not isinstance(head, MLMHead):
+            raise FillmaskError(f"FillMaskProbes needs a model with an `encoder` and a masked-LM "
+                                f"`head` (MaskedLM); {type(pl_module).__name__} has none")
+        limit = getattr(encoder, "max_positions", None)
+        self._mask_token = self._tokenizer.id_to_token(self._special.mask_id)
+        self._cloze = self._encode(self.sentences, limit)
+        for sentence, row in zip(self.sentences, self._cloze, strict=True):
+            if not (row == self._special.mask_id).any():
+                raise FillmaskError(f"FillMaskProbes sentence {sentence!r} has no mask token; "
+                                    f"write {self._mask_token} where the model should fill in")
+        if self.pseudo_perplexity:
+            self._scored = _one_mask_per_row(self._encode(self.ppl_sentences, limit),
+                                             self._special)
+
+    def _encode(self, texts: list[str], limit: int | None) -> torch.Tensor:
+        """Token ids (B, T) of ``texts``, padded; a text longer than ``limit`` is an error."""
+        encodings = self._tokenizer.encode_batch(texts)
+        width = max(len(e.ids) for e in encodings)
+        ids = torch.full((len(texts), width), self._special.pad_id, dtype=torch.long)
+        for row, (text, e) in enumerate(zip(texts, encodings, strict=True)):
+            if limit is not None and len(e.ids) > limit:
+                raise FillmaskError(f"FillMaskProbes sentence {text!r} has {len(e.ids)} tokens, "
+                                    f"more than the encoder's {limit} positions; shorten it")
+            ids[row, : len(e.ids)] = torch.tensor(e.ids)
+        return ids
+
+    # When to probe.
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           outputs: object, batch: object, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step > 0 and step % self.every_n_steps == 0 and step != self._probed_step:
+            self._probe(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step != self._probed_step:
+            self._probe(trainer, pl_module)
+
+    def _probe(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._probed_step = trainer.global_step
+        if not (trainer.is_global_zero or _sharded(trainer)):
+            return
+        with _eval_mode(pl_module), torch.no_grad(), trainer.precision_plugin.forward_context():
+            self.last_predictions = self._fill(pl_module)
+            if self.pseudo_perplexity:
+                self.last_pseudo_perplexity = self._pseudo_perplexity(pl_module)
+        if trainer.is_global_zero:
+            self._report(trainer)
+
+    # What a probe computes.
+
+    def _logits(self, pl_module: L.LightningModule, ids: torch.Tensor,
+                positions: torch.Tensor) -> torch.Tensor:
+        """Float logits (N, V) over the tokenizer's vocabulary at (row, column) ``positions``."""
+        hidden = pl_module.encoder(ids, attention_mask=ids != self._special.pad_id)  # (B, T, C)
+        logits = pl_module.head(hidden[positions[:, 0], positions[:, 1]])  # (N, V), V rounded up
+        return logits[:, : self._tokenizer.get_vocab_size()].float()
+
+    def _fill(self, pl_module: L.LightningModule) -> list[list[Candidates]]:
+        ids = self._cloze.to(pl_module.device)
+        at_mask = (ids == self._special.mask_id).nonzero()  # (M, 2), row-major order
+        probs = self._logits(pl_module, ids, at_mask).softmax(-1)  # (M, V)
+        scores, top = probs.topk(min(self.top_k, probs.shape[-1]))  # (M, k)
+        per_sentence: list[list[Candidates]] = [[] for _ in self.sentences]
+        for row, ids_, scores_ in zip(at_mask[:, 0].tolist(), top.tolist(), scores.tolist(),
+                                      strict=True):
+            tokens = [self._tokenizer.id_to_token(i) for i in ids_]
+            per_sentence[row].append(list(zip(tokens, scores_, strict=True)))
+        return per_sentence
+
+    def _pseudo_perplexity(self, pl_module: L.LightningModule) -> float:
+        """exp of minus the mean log-probability of each token given all the others."""
+        rows, columns, targets = (t.to(pl_module.device) for t in self._scored)
+        total = torch.zeros((), device=pl_module.device)
+        for start in range(0, len(rows), self.batch_size):
+            chunk = slice(start, start + self.batch_size)
+            n = len(rows[chunk])
+            where = torch.stack([torch.arange(n, device=rows.device), columns[chunk]], dim=1)
+            logp = self._logits(pl_module, rows[chunk], where).log_softmax(-1)  # (n, V)
+            total += logp.gather(1, targets[chunk, None]).sum()
+        return math.exp(-float(total) / max(len(rows), 1))
+
+    # Reporting.
+
+    def _report(self, trainer: L.Trainer) -> None:
+        step = trainer.global_step
+        boards = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        for board in boards:
+            board.experiment.add_text("probe/fill_mask", self.markdown(), global_step=step)
+        ppl = self.last_pseudo_perplexity if self.pseudo_perplexity else None
+        if ppl is not None:
+            for logger in trainer.loggers:
+                logger.log_metrics({"probe/pseudo_perplexity": ppl}, step=step)
+        if not boards:
+            shown = "" if ppl is None else f" (pseudo-perplexity {ppl:.2f})"
+            rank_zero_info(f"probes at step {step}{shown}:\n{self.plain_text()}")
+
+    def _filled(self, sentence: str, masks: list[Candidates], mark: str) -> str:
+        """``sentence`` with each mask replaced by its top candidate, between ``mark``s."""
+        for candidates in masks:
+            sentence = sentence.replace(self._mask_token, f"{mark}{candidates[0][0]}{mark}", 1)
+        return sentence
+
+    def markdown(self) -> str:
+        """The latest predictions as a markdown table (TensorBoard renders it)."""
+        lines = ["| sentence, top-1 filled in | candidates |", "|---|---|"]
+        for sentence, masks in zip(self.sentences, self.last_predictions, strict=True):
+            filled = self._filled(sentence, masks, "**").replace("|", "\\|")
+            shown = "; ".join(
+                f"[{m}] " + ", ".join(f"{_code(token)} {p:.3f}" for token, p in candidates)
+                for m, candidates in enumerate(masks, start=1))
+            lines.append(f"| {filled} | {shown} |")
+        return "\n".join(lines)
+
+    def plain_text(self) -> str:
+        """The latest predictions as indented lines, for the console."""
+        lines = []
+        for sentence, masks in zip(self.sentences, self.last_predictions, strict=True):
+            lines.append(f"  {self._filled(sentence, masks, '*')}")
+            for m, candidates in enumerate(masks, start=1):
+                shown = "  ".join(f"{token} {p:.3f}" for token, p in candidates)
+                lines.append(f"    [{m}] {shown}")
+        return "\n".join(lines)
+
+
+def _tokenizer_of(trainer: L.Trainer) -> tuple[Tokenizer, SpecialTokens]:
+    """The data module's tokenizer and its special-token ids."""
+    datamodule = getattr(trainer, "datamodule", None)
+    tokenizer = getattr(datamodule, "tokenizer", None)
+    if not isinstance(tokenizer, Tokenizer):
+        raise FillmaskError("FillMaskProbes needs the data module's tokenizer "
+                            "(trainer.datamodule.tokenizer); fit with a MaskedLMDataModule")
+    special = getattr(datamodule, "special_tokens", None)
+    if not isinstance(special, SpecialTokens):
+        special = resolve_special_tokens(tokenizer)
+    return tokenizer, special
+
+
+def _one_mask_per_row(ids: torch.Tensor, special: SpecialTokens
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every ordinary token of every sentence masked in turn: the rows (R, T), the masked
+    column of each (R,) and the token it hid (R,)."""
+    ordinary = ~torch.isin(ids, torch.tensor([*special.special_ids, special.pad_id]))  # (B, T)
+    sentence, column = ordinary.nonzero(as_tuple=True)  # (R,), (R,)
+    rows = ids[sentence].clone()  # (R, T)
+    rows[torch.arange(len(rows)), column] = special.mask_id
+    return rows, column, ids[sentence, column]
+
+
+def _sharded(trainer: L.Trainer) -> bool:
+    """Whether the model's forward needs every process (parameters sharded across them)."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    return isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy, DeepSpeedStrategy))
+
+
+@contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Put ``module`` in eval mode, then give every submodule back its own mode (a distillation
+    teacher stays in eval mode, the student returns to training)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _code(token: str) -> str:
+    """``token`` as a markdown code span that survives a table cell."""
+    token = token.replace("|", "\\|")
+    return f"`` {token} ``" if "`" in token else f"`{token}`"
