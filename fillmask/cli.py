@@ -1,5 +1,5 @@
-"""The `fillmask` command: LightningCLI (fit/validate/test/predict) plus fill, export, inspect,
-finetune, plugins and tokenizer."""
+"""The `fillmask` command: LightningCLI (fit/validate/test/predict) plus fill, score, export,
+inspect, finetune, plugins and tokenizer."""
 
 from __future__ import annotations
 
@@ -130,31 +130,37 @@ def plugins_main(argv: list[str]) -> int:
 
 
 def fill_main(argv: list[str]) -> int:
-    from fillmask.inference import CheckpointError, FillMaskModel
+    from fillmask.inference import FillMaskModel, Inputs, InputTooLongError, check_device
 
     parser = argparse.ArgumentParser(prog="fillmask fill", description=(
         "Predict the tokens behind the mask token ([MASK] or <mask>) of each input."))
     parser.add_argument("inputs", nargs="*", help="texts with one or more mask tokens")
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by fillmask fit")
+    parser.add_argument("--file", help="also read inputs from this file, one per line (blank "
+                        "lines skipped; - reads standard input)")
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by fillmask "
+                        "fit, or a folder written by fillmask export (or a transformers folder)")
     parser.add_argument("--top-k", type=int, default=5, help="candidates per mask (default 5)")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="inputs per forward pass (default 32)")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     parser.add_argument("--json", action="store_true", help="one JSON object per input")
     args = parser.parse_args(argv)
-    try:
-        model = FillMaskModel.from_checkpoint(args.checkpoint)
-    except CheckpointError as error:
-        parser.error(str(error))
-    if not args.inputs:
-        parser.error("give at least one input text")
+    if args.top_k < 1 or args.batch_size < 1:
+        parser.error("--top-k and --batch-size must be at least 1")
+    inputs = Inputs.collect(args.inputs, args.file)
+    if not inputs.texts:
+        parser.error("give at least one input text, or --file with one per line")
+    model = FillMaskModel.load(args.checkpoint, check_device(args.device))
     mask = model.mask_token()
-    missing = [t for t in args.inputs if mask not in t]
-    if missing:
-        parser.error(f"input {missing[0]!r} has no {mask} token; write {mask} where a word is "
-                     "missing")
+    missing = next((i for i, text in enumerate(inputs.texts) if mask not in text), None)
+    if missing is not None:
+        raise FillmaskError(f"{inputs.labels[missing]} ({inputs.texts[missing]!r}) has no {mask} "
+                            f"token; write {mask} where a word is missing")
     try:
-        filled = model.fill(args.inputs, args.top_k)
-    except FillmaskError as error:
-        parser.error(str(error))
-    for text, masks in zip(args.inputs, filled, strict=True):
+        filled = model.fill(inputs.texts, args.top_k, args.batch_size)
+    except InputTooLongError as error:
+        raise error.named(inputs.labels) from None
+    for text, masks in zip(inputs.texts, filled, strict=True):
         if args.json:
             print(json.dumps({"input": text, "masks": masks}))
             continue
@@ -162,6 +168,48 @@ def fill_main(argv: list[str]) -> int:
         for index, candidates in enumerate(masks):
             label = f"  {mask} #{index + 1}:" if len(masks) > 1 else f"  {mask}:"
             print(label, ", ".join(f"{c['token']} ({c['score']:.3f})" for c in candidates))
+    return 0
+
+
+def score_main(argv: list[str]) -> int:
+    from fillmask.inference import FillMaskModel, Inputs, InputTooLongError, check_device
+    from fillmask.scoring import DEFAULT_BATCH_SIZE, print_pairs, print_scores
+
+    parser = argparse.ArgumentParser(prog="fillmask score", description=(
+        "Pseudo-log-likelihood of sentences (each token masked in turn), pseudo-perplexity, "
+        "and minimal-pair accuracy (BLiMP)."))
+    parser.add_argument("inputs", nargs="*", help="sentences to score")
+    parser.add_argument("--file", help="also read sentences from this file, one per line "
+                        "(blank lines skipped; - reads standard input)")
+    parser.add_argument("--pairs", nargs="+", metavar="FILE.jsonl", help="minimal pairs, one "
+                        'JSON object per line: {"good": ..., "bad": ...} (or BLiMP\'s '
+                        "sentence_good/sentence_bad); prints the share with PLL(good) > PLL(bad)")
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by fillmask "
+                        "fit, or a folder written by fillmask export (or a transformers folder)")
+    parser.add_argument("--whole-word", action="store_true",
+                        help="mask all pieces of a word together")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                        help=f"masked copies per forward pass (default {DEFAULT_BATCH_SIZE})")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+    parser.add_argument("--json", action="store_true",
+                        help="one JSON object per sentence (or pair), then a summary object")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
+    if args.pairs and (args.inputs or args.file):
+        parser.error("give sentences (positional or --file) or --pairs, not both")
+    inputs = None if args.pairs else Inputs.collect(args.inputs, args.file)
+    if inputs is not None and not inputs.texts:
+        parser.error("give at least one sentence, --file with one per line, or --pairs")
+    model = FillMaskModel.load(args.checkpoint, check_device(args.device))
+    options = {"whole_word": args.whole_word, "batch_size": args.batch_size, "as_json": args.json}
+    if inputs is None:
+        print_pairs(model, args.pairs, **options)
+        return 0
+    try:
+        print_scores(model, inputs.texts, **options)
+    except InputTooLongError as error:
+        raise error.named(inputs.labels) from None
     return 0
 
 
@@ -211,7 +259,8 @@ def export_main(argv: list[str]) -> int:
 
 
 SUBCOMMANDS = {"fill": fill_main, "tokenizer": tokenizer_main, "plugins": plugins_main,
-               "inspect": inspect_main, "finetune": finetune_main, "export": export_main}
+               "inspect": inspect_main, "finetune": finetune_main, "export": export_main,
+               "score": score_main}
 """Commands of their own; every other first word goes to LightningCLI (fit, validate, ...)."""
 
 

@@ -92,13 +92,15 @@ def _encode(tokenizer: Tokenizer, texts: list[str]) -> list[tuple[np.ndarray, np
     encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
     by_offsets = tokenizer.pre_tokenizer is None
     out = []
-    for encoding in encodings:
+    for text, encoding in zip(texts, encodings, strict=True):
         ids = np.asarray(encoding.ids, dtype=np.int32)
         starts = np.ones(len(ids), dtype=np.uint8)
         if len(ids) > 1:
-            if by_offsets:  # a piece continues a word when it touches the previous one
+            if by_offsets:  # a piece continues a word when it touches the previous one and
+                # does not begin on a space (a normaliser may turn spaces into "▁" pieces)
                 offsets = np.asarray(encoding.offsets, dtype=np.int64)
-                starts[1:] = offsets[1:, 0] != offsets[:-1, 1]
+                spaced = [text[i:i + 1].isspace() for i in offsets[1:, 0].tolist()]
+                starts[1:] = (offsets[1:, 0] != offsets[:-1, 1]) | np.asarray(spaced, dtype=bool)
             else:
                 words = np.asarray([-1 if w is None else w for w in encoding.word_ids])
                 starts[1:] = (words[1:] != words[:-1]) | (words[1:] < 0)
