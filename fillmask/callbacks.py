@@ -60,7 +60,8 @@ def _synchronize(device: torch.device) -> None:
 class Throughput(L.Callback):
     """Log training tokens per second and useful-FLOP utilisation.
 
-    Every ``log_every_n_steps`` the callback logs ``throughput/tokens_per_sec`` (all tokens),
+    Every ``log_every_n_steps`` the callback logs ``throughput/tokens_per_sec`` (all tokens of the
+    run: this process's rate times the number of data-parallel processes),
     ``throughput/real_tokens_per_sec`` (non-padding) and ``throughput/utilisation``: useful model
     FLOPs (encoder on every real token, MLM head on masked positions only) per second over the
     peak measured by a square matmul at the start of training. Counts stay on the device
@@ -112,8 +113,11 @@ class Throughput(L.Callback):
         now = time.perf_counter()
         elapsed = max(now - self._since, 1e-9)
         real, masked = float(self._real), float(self._masked)
-        metrics = {"throughput/tokens_per_sec": self._tokens / elapsed,
-                   "throughput/real_tokens_per_sec": real / elapsed}
+        # Every data-parallel process trains an equal share (fillmask's sharded sampler): the
+        # run's rate is this process's times their number; utilisation stays per device.
+        processes = max(1, trainer.world_size)
+        metrics = {"throughput/tokens_per_sec": processes * self._tokens / elapsed,
+                   "throughput/real_tokens_per_sec": processes * real / elapsed}
         encoder = getattr(pl_module, "encoder", None)
         if encoder is not None and self.peak_flops:
             flops = real * encoder.flops_per_token(self._seq_len)

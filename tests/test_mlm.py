@@ -121,3 +121,18 @@ def test_untied_decoder_has_its_own_weight_and_gets_gradients():
     assert model.head.decoder.grad is not None and model.head.decoder.grad.abs().sum() > 0
     names = [n for n, _ in model.named_parameters()]
     assert "head.decoder" in names and len(names) == len(set(names))
+
+
+def test_weight_decay_groups_survive_flattened_parameters():
+    """Under FSDP parameters are flat shards when the optimiser is built; the groups recorded
+    at setup (before wrapping) still decide."""
+    from fillmask.objectives.base import decay_flags
+
+    model = MaskedLM(BertEncoder.preset("tiny", vocab_size=128))
+    expected = [len(g["params"]) for g in model._parameter_groups()]
+    model._decays = decay_flags(model)  # what setup() records before the strategy wraps
+    with torch.no_grad():
+        for module in model.modules():  # flatten every parameter, as FSDP's shards are
+            for name, param in list(module.named_parameters(recurse=False)):
+                setattr(module, name, torch.nn.Parameter(param.reshape(-1)))
+    assert [len(g["params"]) for g in model._parameter_groups()] == expected

@@ -4,8 +4,9 @@ batches."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from functools import cached_property
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import datasets
 import lightning as L
@@ -15,7 +16,7 @@ import torch
 from filelock import FileLock
 from lightning.pytorch.utilities import rank_zero_info
 from tokenizers import Tokenizer
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from fillmask.data.collate import MaskingCollator
@@ -30,12 +31,25 @@ from fillmask.data.tokenize import (
     resolve_special_tokens,
     train_tokenizer,
 )
+from fillmask.errors import FillmaskError
 from fillmask.masking.base import Masking, VocabInfo
 from fillmask.masking.random import derive_seed
 from fillmask.masking.token import TokenMasking
 from fillmask.paths import cache_root
 
 MaskingMode = Literal["dynamic", "static"]
+
+
+class EpochOrder(Protocol):
+    """An epoch's global order of sample ids, a pure function of (seed, epoch)."""
+
+    epoch: int
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def __len__(self) -> int: ...
+
+    def order(self) -> np.ndarray: ...
 
 
 class EpochSampler(Sampler[tuple[int, int]]):
@@ -57,12 +71,62 @@ class EpochSampler(Sampler[tuple[int, int]]):
     def __len__(self) -> int:
         return self.size
 
-    def __iter__(self):
+    def order(self) -> np.ndarray:
+        """This epoch's sample ids, in order (int64)."""
         if not self.shuffle:
-            return ((self.epoch, i) for i in range(self.size))
+            return np.arange(self.size, dtype=np.int64)
         generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
-        order = torch.randperm(self.size, generator=generator)
-        return ((self.epoch, i) for i in order.tolist())
+        return torch.randperm(self.size, generator=generator).numpy()
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((self.epoch, i) for i in self.order().tolist())
+
+
+class ShardedSampler(DistributedSampler):
+    """This process's share of an epoch's global order: positions rank, rank + W, rank + 2W...
+
+    The global order (``source``: an :class:`EpochSampler` or a mixture's sampler) is the same
+    on every process, so the W shards never overlap and together hold the whole epoch. Strided
+    shards (not contiguous blocks) make the k-th step of W processes with batch b use exactly
+    the samples of the k-th batch of one process with batch W x b. Every process gets the same
+    number of samples: training drops the last ``len % W`` samples of the order (a different
+    tail each epoch, as ``drop_last`` drops a partial batch), evaluation wraps round to the
+    start of the order and repeats up to W - 1 samples. With W = 1 it is the source itself.
+
+    Being a ``DistributedSampler`` is what keeps Lightning from replacing it: its data
+    connector (``_requires_distributed_sampler``) injects a sampler only into loaders whose
+    sampler is not one, under ``ddp`` and ``fsdp`` alike, whatever ``use_distributed_sampler``.
+    """
+
+    def __init__(self, source: EpochOrder, num_replicas: int = 1, rank: int = 0,
+                 drop_last: bool = False) -> None:
+        """Args:
+            source: The epoch's global order.
+            num_replicas: Data-parallel processes W (all nodes together).
+            rank: This process's data-parallel rank, in [0, W).
+            drop_last: Equal shares by dropping the tail (training) instead of wrapping round.
+        """
+        super().__init__(range(len(source)), num_replicas=num_replicas, rank=rank,
+                         shuffle=bool(getattr(source, "shuffle", True)),
+                         seed=int(getattr(source, "seed", 0)), drop_last=drop_last)
+        self.source = source
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning at the start of every epoch; the source's order follows it."""
+        super().set_epoch(epoch)
+        self.source.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        ids = np.resize(self.source.order(), self.total_size)  # drops the tail, or wraps round
+        epoch = self.source.epoch
+        return ((epoch, i) for i in ids[self.rank::self.num_replicas].tolist())
+
+
+class ResumeLayoutError(FillmaskError, ValueError):
+    """A mid-epoch loader state written with another number of processes or batch size."""
 
 
 class EpochLoader(StatefulDataLoader):
@@ -71,6 +135,13 @@ class EpochLoader(StatefulDataLoader):
     Its state records the batches yielded in the current epoch: a state saved after an epoch's
     last batch resumes at the start of the next epoch (torchdata alone would fast-forward the
     next epoch by a whole epoch's batches), and a mid-epoch state resumes at the next batch.
+
+    Under DDP/FSDP only rank 0's state reaches the checkpoint, and every rank resumes from it.
+    That is exact because the state holds counts, never sample ids: every rank has yielded the
+    same number of batches of the same size, and torchdata's sampler position is a count of
+    samples drawn (it fast-forwards this rank's own :class:`ShardedSampler`). A mid-epoch state
+    therefore needs the same processes and batch size to resume; at an epoch boundary anything
+    may change.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -78,23 +149,42 @@ class EpochLoader(StatefulDataLoader):
         self._yielded = 0
         self._resume_at = 0
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
         self._yielded, self._resume_at = self._resume_at, 0
         for batch in super().__iter__():
             self._yielded += 1
             yield batch
 
+    @property
+    def processes(self) -> int:
+        """Data-parallel processes sharing each epoch (1 unless the sampler is sharded)."""
+        return int(getattr(self.sampler, "num_replicas", 1))
+
     def state_dict(self) -> dict[str, Any]:
-        return {"loader": super().state_dict(), "yielded": self._yielded}
+        return {"loader": super().state_dict(), "yielded": self._yielded,
+                "finished": self._yielded >= len(self), "processes": self.processes,
+                "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "loader" not in state:  # a plain torchdata state
             super().load_state_dict(state)
             return
-        if state["yielded"] >= len(self):  # saved at the end of an epoch: start the next afresh
+        if state.get("finished", state["yielded"] >= len(self)):  # start the next epoch afresh
             return
+        self._check_layout(state)
         super().load_state_dict(state["loader"])
         self._resume_at = state["yielded"]
+
+    def _check_layout(self, state: dict[str, Any]) -> None:
+        saved = (state.get("processes", 1), state.get("batch_size", self.batch_size))
+        if state["yielded"] == 0 or saved == (self.processes, self.batch_size):
+            return
+        raise ResumeLayoutError(
+            f"the checkpoint was written {state['yielded']} batches into an epoch by "
+            f"{saved[0]} process(es) with batch_size={saved[1]}; this run has {self.processes} "
+            f"with batch_size={self.batch_size}, so the rest of that epoch cannot be split the "
+            "same way. Resume with the same devices x num_nodes and data.batch_size, or from a "
+            "checkpoint written at an epoch boundary")
 
 
 class BlockDataset(Dataset):
@@ -322,11 +412,31 @@ class MaskedLMDataModule(L.LightningDataModule):
             keep_word_ids=keep_word_ids,
         )
 
-    def _sampler(self, split: str, train: bool) -> Sampler[tuple[int, int]]:
+    def _sampler(self, split: str, train: bool) -> ShardedSampler:
         size = len(self._samples()[split])
         if train and len(self.sources) > 1:
-            return MixtureSampler(self.corpus_sizes, self.mixture_probabilities(), self.seed)
-        return EpochSampler(size, self.seed, shuffle=train)
+            source: EpochOrder = MixtureSampler(self.corpus_sizes, self.mixture_probabilities(),
+                                                self.seed)
+        else:
+            source = EpochSampler(size, self.seed, shuffle=train)
+        processes, rank = self.data_parallel()
+        return ShardedSampler(source, processes, rank, drop_last=train)
+
+    def data_parallel(self) -> tuple[int, int]:
+        """(processes, rank) of data parallelism, read when a loader is made (the strategy has
+        set up its process group by then).
+
+        The trainer's strategy decides when there is one (``ddp``, ``fsdp``: every process of
+        every node; a model-parallel strategy: only its data-parallel dimension), else an
+        initialised ``torch.distributed`` (a script under torchrun), else one process.
+        """
+        trainer = getattr(self, "trainer", None)
+        kwargs = getattr(trainer, "distributed_sampler_kwargs", None) if trainer else None
+        if kwargs:
+            return int(kwargs["num_replicas"]), int(kwargs["rank"])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_world_size(), torch.distributed.get_rank()
+        return 1, 0
 
     def _loader(self, split: str, train: bool, keep_word_ids: bool = False) -> EpochLoader:
         dataset = BlockDataset(self._samples()[split])
@@ -349,7 +459,13 @@ class MaskedLMDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> EpochLoader:
-        return self._loader("train", train=True)
+        loader = self._loader("train", train=True)
+        if loader.processes > 1:
+            w = loader.processes
+            rank_zero_info(f"data parallel: {w} processes share each epoch (process r takes "
+                           f"samples r, r + {w}, ... of its order): {len(loader)} batches of "
+                           f"{self.batch_size} per process")
+        return loader
 
     def val_dataloader(self) -> EpochLoader:
         return self._loader("validation", train=False)

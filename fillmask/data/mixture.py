@@ -71,6 +71,9 @@ class MixtureSampler(Sampler[tuple[int, int]]):
     round(q_i x that) samples, taken from fresh permutations of its own samples (repeating them
     when up-sampled). A repeated sample gets the id ``index + k x total`` on its k-th repeat, so
     its masks differ; the dataset reads ``id % total``. Everything follows from (seed, epoch).
+
+    It knows nothing of processes: under DDP/FSDP the data module wraps it in a
+    ``ShardedSampler``, which gives each process its share of this global order.
     """
 
     def __init__(self, sizes: list[int], probabilities: np.ndarray, seed: int) -> None:
@@ -82,6 +85,7 @@ class MixtureSampler(Sampler[tuple[int, int]]):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Called at the start of every epoch."""
         self.epoch = epoch
 
     def __len__(self) -> int:
@@ -90,7 +94,8 @@ class MixtureSampler(Sampler[tuple[int, int]]):
     def _generator(self, *parts: int) -> torch.Generator:
         return torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, *parts))
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def order(self) -> np.ndarray:
+        """This epoch's sample ids, in order (int64); the same on every process."""
         drawn = []
         for corpus, (size, quota) in enumerate(zip(self.sizes, self.quotas, strict=True)):
             rounds = -(-int(quota) // size) if size else 0
@@ -99,5 +104,7 @@ class MixtureSampler(Sampler[tuple[int, int]]):
                 take = order[: min(size, int(quota) - repeat * size)]
                 drawn.append(self.offsets[corpus] + take + repeat * self.total)
         ids = np.concatenate(drawn) if drawn else np.zeros(0, np.int64)
-        ids = ids[torch.randperm(len(ids), generator=self._generator(-1)).numpy()]
-        return ((self.epoch, int(i)) for i in ids)
+        return ids[torch.randperm(len(ids), generator=self._generator(-1)).numpy()]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((self.epoch, i) for i in self.order().tolist())

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from tokenizers import Tokenizer
 
 from fillmask.architectures.base import Encoder, encoder_inputs
@@ -70,6 +71,7 @@ class EncoderObjective(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["encoder"])
         self.encoder = encoder
+        self._step_tokens: torch.Tensor | int = 0  # real tokens since the last optimiser step
 
     def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Hidden states (B, T, C) of a collated batch."""
@@ -91,11 +93,14 @@ class EncoderObjective(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": schedule}
 
     def _parameter_groups(self) -> list[dict[str, Any]]:
+        """Weights decay; biases, norms and other one-dimensional parameters do not. Under
+        FSDP every parameter is a flat shard by now, so shapes recorded in :meth:`setup`
+        (before the strategy wrapped the model) decide."""
+        decays = getattr(self, "_decays", None) or decay_flags(self)
         decay, no_decay = [], []
         for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
+            if param.requires_grad:
+                (decay if decays.get(unwrapped_name(name), False) else no_decay).append(param)
         hp = self.hparams
         # AdamW multiplies weight decay by the current rate; dividing by the peak rate makes
         # the per-step decay weight_decay x (rate / peak), DecoupledAdamW's.
@@ -103,6 +108,29 @@ class EncoderObjective(L.LightningModule):
             else hp.weight_decay
         return [{"params": decay, "weight_decay": weight_decay},
                 {"params": no_decay, "weight_decay": 0.0}]
+
+    # Global-batch bookkeeping: what one optimiser step sees, all processes together.
+
+    def on_train_start(self) -> None:
+        self._step_tokens = 0
+        log_global_batch_size(self.trainer)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._step_tokens = self._step_tokens + real_tokens(batch)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Log ``train/tokens_per_step``: the real (non-padding) tokens of every micro-batch of
+        this optimiser step, summed over all processes. Counts stay on the device and only the
+        steps the trainer logs (every ``log_every_n_steps``) reduce them across processes, so
+        the other steps pay no synchronisation."""
+        tokens, self._step_tokens = self._step_tokens, 0
+        every = self.trainer.log_every_n_steps
+        # global_step counts the optimizer steps taken; this one is number global_step + 1.
+        if every <= 0 or (self.trainer.global_step + 1) % every:
+            return
+        value = torch.as_tensor(tokens, device=self.device, dtype=torch.float32)
+        self.log("train/tokens_per_step", value, on_step=True, on_epoch=False,
+                 reduce_fx="sum", sync_dist=True)
 
     # Checkpoints carry what inference needs to rebuild the model without the YAML.
 
@@ -136,6 +164,7 @@ class EncoderObjective(L.LightningModule):
         return getattr(datamodule, "tokenizer", None) if datamodule is not None else None
 
     def setup(self, stage: str) -> None:
+        self._decays = decay_flags(self)  # before a strategy (FSDP) flattens the parameters
         datamodule = getattr(self.trainer, "datamodule", None)
         length = getattr(datamodule, "max_length", None)
         limit = getattr(self.encoder, "max_positions", None)
@@ -153,6 +182,57 @@ class EncoderObjective(L.LightningModule):
                 f"{self.encoder.vocab_size} rows; set the encoder's vocab_size to at least "
                 f"{tokens} (the CLI links it from the data module) or use a smaller tokenizer"
             )
+
+
+def real_tokens(batch: Any) -> torch.Tensor | int:
+    """Non-padding tokens of a collated batch (a device tensor when it has padding, else an
+    int), 0 for a batch that is not a dictionary with ``input_ids``."""
+    if not isinstance(batch, dict) or not isinstance(batch.get("input_ids"), torch.Tensor):
+        return 0
+    mask = batch.get("attention_mask")
+    return batch["input_ids"].numel() if mask is None else mask.sum()
+
+
+def data_parallel_processes(trainer: L.Trainer) -> int:
+    """Processes that each see their own data (``num_nodes x devices`` under DDP and FSDP)."""
+    kwargs = getattr(trainer, "distributed_sampler_kwargs", None)
+    return int(kwargs["num_replicas"]) if kwargs else 1
+
+
+def log_global_batch_size(trainer: L.Trainer) -> int | None:
+    """Log ``train/global_batch_size``, the sequences per optimiser step (batch size x
+    accumulate_grad_batches x data-parallel processes), once, and print how it is made up.
+    None when the per-process batch size is unknown (a data module without ``batch_size``)."""
+    datamodule = getattr(trainer, "datamodule", None)
+    per_process = getattr(datamodule, "batch_size", None) if datamodule is not None \
+        else getattr(trainer.train_dataloader, "batch_size", None)
+    if not isinstance(per_process, int):
+        return None
+    accumulate, processes = trainer.accumulate_grad_batches, data_parallel_processes(trainer)
+    size = per_process * accumulate * processes
+    rank_zero_info(f"global batch: {size} sequences per optimiser step ({per_process} per "
+                   f"batch x {accumulate} accumulated x {processes} process(es))")
+    for logger in trainer.loggers:  # loggers write on rank zero only
+        logger.log_metrics({"train/global_batch_size": float(size)}, step=trainer.global_step)
+    return size
+
+
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+"""Name parts that FSDP, activation checkpointing and torch.compile insert."""
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter's name without the wrappers' module names."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def decay_flags(module: torch.nn.Module) -> dict[str, bool]:
+    """Whether each parameter (by unwrapped name) gets weight decay: matrices yes; biases,
+    norms and other one-dimensional parameters no."""
+    return {unwrapped_name(name): param.ndim >= 2 and "norm" not in name
+            for name, param in module.named_parameters()}
 
 
 def start_next_epoch_afresh(checkpoint: dict[str, Any]) -> None:
