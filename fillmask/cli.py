@@ -32,6 +32,8 @@ from fillmask.errors import FillmaskError
 from fillmask.objectives.base import EncoderObjective
 from fillmask.registry import GROUPS, load_plugins, registry
 
+DEFAULT_DATA = f"{MaskedLMDataModule.__module__}.{MaskedLMDataModule.__qualname__}"
+
 
 class FillmaskCLI(LightningCLI):
     """LightningCLI with the tokenizer's vocabulary linked into the encoder, atomic
@@ -42,6 +44,9 @@ class FillmaskCLI(LightningCLI):
             "data.vocab_size", "model.init_args.encoder.init_args.vocab_size",
             apply_on="instantiate",
         )
+        # A data section without class_path (every recipe) is the in-memory module; other
+        # LightningDataModules are named by `data: class_path: ...`.
+        parser.set_defaults({"data": {"class_path": DEFAULT_DATA}})
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         trainer = super().instantiate_trainer(**kwargs)
@@ -81,8 +86,9 @@ def run_lightning(args: list[str] | None = None) -> FillmaskCLI:
     check_resume_classes(sys.argv[1:] if args is None else args)
     return FillmaskCLI(
         EncoderObjective,
-        MaskedLMDataModule,
+        L.LightningDataModule,
         subclass_mode_model=True,
+        subclass_mode_data=True,
         args=args,
         save_config_kwargs={"overwrite": True},
     )
