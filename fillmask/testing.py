@@ -1,6 +1,6 @@
 """Test helpers for fillmask and for plugin packages: import the fixtures into a
-``conftest.py`` (``from fillmask.testing import isolated_cache, small_corpus``) and check an
-export with :func:`assert_export_matches`."""
+``conftest.py`` (``from fillmask.testing import isolated_cache, one_thread, small_corpus``) and
+check an export with :func:`assert_export_matches`."""
 
 from __future__ import annotations
 
@@ -25,6 +25,17 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         os.environ.pop("FILLMASK_CACHE", None)
     else:
         os.environ["FILLMASK_CACHE"] = previous
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for a module's tests: tiny models gain nothing from more, and lose
+    much when other processes share the cores (busy-waiting threads stall every operation).
+    Use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fillmask.testing import isolated_cache, small_corpus  # noqa: F401  (shared fixtures)
+from fillmask.testing import isolated_cache, one_thread, small_corpus  # noqa: F401
 
 
 @pytest.fixture(scope="session")

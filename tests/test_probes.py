@@ -24,13 +24,7 @@ CLOZE = ["the [MASK] command creates a distribution.", "a [MASK] of [MASK] files
 PLAIN = ["the build command creates a distribution.", "install the package."]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and lose much when cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Losses(L.Callback):
