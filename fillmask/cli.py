@@ -1,5 +1,5 @@
 """The `fillmask` command: LightningCLI (fit/validate/test/predict) plus fill, score, export,
-inspect, finetune, plugins and tokenizer."""
+data, inspect, finetune, plugins and tokenizer."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from fillmask.data.packing import (  # noqa: F401
     LinePacking,
     SentencePairs,
 )
+from fillmask.data.streaming import StreamingMaskedLMDataModule  # noqa: F401  (short name)
 from fillmask.errors import FillmaskError
 from fillmask.objectives.base import EncoderObjective
 from fillmask.registry import GROUPS, load_plugins, registry
@@ -44,8 +45,8 @@ class FillmaskCLI(LightningCLI):
             "data.vocab_size", "model.init_args.encoder.init_args.vocab_size",
             apply_on="instantiate",
         )
-        # A data section without class_path (every recipe) is the in-memory module; other
-        # LightningDataModules are named by `data: class_path: ...`.
+        # A data section without class_path (every recipe) is the in-memory module; streamed
+        # shards are `class_path: StreamingMaskedLMDataModule`.
         parser.set_defaults({"data": {"class_path": DEFAULT_DATA}})
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
@@ -258,6 +259,12 @@ def finetune_main(argv: list[str]) -> int:
     return run(argv)
 
 
+def data_main(argv: list[str]) -> int:
+    from fillmask.data.prepare import data_main as run
+
+    return run(argv)
+
+
 def export_main(argv: list[str]) -> int:
     from fillmask.interop.export import export_main as run
 
@@ -266,7 +273,7 @@ def export_main(argv: list[str]) -> int:
 
 SUBCOMMANDS = {"fill": fill_main, "tokenizer": tokenizer_main, "plugins": plugins_main,
                "inspect": inspect_main, "finetune": finetune_main, "export": export_main,
-               "score": score_main}
+               "score": score_main, "data": data_main}
 """Commands of their own; every other first word goes to LightningCLI (fit, validate, ...)."""
 
 
