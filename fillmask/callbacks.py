@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from tokenizers import Tokenizer
 from torch import nn
 
+from fillmask.architectures.base import count_real_tokens
 from fillmask.data.tokenize import SpecialTokens, resolve_special_tokens
 from fillmask.errors import FillmaskError
 from fillmask.heads import MLMHead
@@ -100,8 +101,7 @@ class Throughput(L.Callback):
                            outputs: object, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         ids = batch["input_ids"]
         self._tokens += ids.numel()
-        mask = batch.get("attention_mask")
-        self._real += ids.numel() if mask is None else mask.sum()
+        self._real += count_real_tokens(batch)
         if "labels" in batch:
             self._masked += (batch["labels"] != -100).sum()
         self._seq_len = ids.shape[1]

@@ -173,6 +173,16 @@ def real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.ones_like(batch["input_ids"], dtype=torch.bool)
 
 
+def count_real_tokens(batch: object) -> torch.Tensor | int:
+    """Real (non-padding) tokens of a collated batch: a device tensor when the batch has
+    padding (no host sync), else an int; 0 for anything that is not such a batch."""
+    if not isinstance(batch, dict) or not isinstance(batch.get("input_ids"), torch.Tensor):
+        return 0
+    if batch.get("attention_mask") is None and batch.get("document_ids") is None:
+        return batch["input_ids"].numel()
+    return real_tokens(batch).sum()
+
+
 def pairwise_mask(
     attention_mask: torch.Tensor | None, document_ids: torch.Tensor | None
 ) -> torch.Tensor | None:

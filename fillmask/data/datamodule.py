@@ -209,7 +209,34 @@ class BlockDataset(Dataset):
         return self.__getitems__([key])
 
 
-class MaskedLMDataModule(L.LightningDataModule):
+class TokenizedData:
+    """The vocabulary a masked-LM data module gives the model and the masking: subclasses
+    provide ``tokenizer``, ``special_tokens``, ``token_counts()``, ``masking`` and
+    ``vocab_multiple``."""
+
+    tokenizer: Tokenizer
+    special_tokens: SpecialTokens
+    masking: Masking
+    vocab_multiple: int
+
+    def token_counts(self) -> np.ndarray:
+        raise NotImplementedError
+
+    @property
+    def vocab_size(self) -> int:
+        """The model's vocabulary: the tokenizer's, rounded up to ``vocab_multiple``."""
+        n = self.tokenizer.get_vocab_size()
+        return -(-n // self.vocab_multiple) * self.vocab_multiple
+
+    @cached_property
+    def vocab_info(self) -> VocabInfo:
+        counts = self.token_counts() if self.masking.needs_counts else None
+        special = self.special_tokens
+        return VocabInfo(self.tokenizer.get_vocab_size(), special.mask_id, special.pad_id,
+                         special.special_ids, counts)
+
+
+class MaskedLMDataModule(TokenizedData, L.LightningDataModule):
     """Masked-language-model data: any corpus or mixture, any tokenizer, packing and masking."""
 
     def __init__(
@@ -347,19 +374,6 @@ class MaskedLMDataModule(L.LightningDataModule):
     @property
     def special_tokens(self) -> SpecialTokens:
         return self._tokenizer_and_roles[1]
-
-    @property
-    def vocab_size(self) -> int:
-        """The model's vocabulary: the tokenizer's, rounded up to ``vocab_multiple``."""
-        n = self.tokenizer.get_vocab_size()
-        return -(-n // self.vocab_multiple) * self.vocab_multiple
-
-    @cached_property
-    def vocab_info(self) -> VocabInfo:
-        counts = self.token_counts() if self.masking.needs_counts else None
-        special = self.special_tokens
-        return VocabInfo(self.tokenizer.get_vocab_size(), special.mask_id, special.pad_id,
-                         special.special_ids, counts)
 
     def token_counts(self) -> np.ndarray:
         """How often each token id occurs in the packed training samples."""

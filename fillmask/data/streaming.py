@@ -81,11 +81,16 @@ import torch
 from tokenizers import Tokenizer
 
 from fillmask.data.collate import MaskingCollator
-from fillmask.data.datamodule import EpochLoader, MaskedLMDataModule, MaskingMode
+from fillmask.data.datamodule import (
+    EpochLoader,
+    MaskedLMDataModule,
+    MaskingMode,
+    TokenizedData,
+)
 from fillmask.data.packing import Packing
 from fillmask.data.tokenize import SpecialTokens, load_tokenizer
 from fillmask.errors import FillmaskError
-from fillmask.masking.base import Masking, VocabInfo
+from fillmask.masking.base import Masking
 from fillmask.masking.random import derive_seed
 from fillmask.masking.token import TokenMasking
 from fillmask.paths import cache_root
@@ -379,7 +384,7 @@ class StreamCollator:
         return self.collator(columns)
 
 
-class StreamingMaskedLMDataModule(L.LightningDataModule):
+class StreamingMaskedLMDataModule(TokenizedData, L.LightningDataModule):
     """Masked-language-model data streamed from Parquet shards written by ``fillmask data
     prepare``.
 
@@ -494,19 +499,6 @@ class StreamingMaskedLMDataModule(L.LightningDataModule):
         roles = dict(self.manifest["special_tokens"])
         roles["special_ids"] = tuple(roles["special_ids"])
         return SpecialTokens(**roles)
-
-    @property
-    def vocab_size(self) -> int:
-        """The model's vocabulary: the tokenizer's, rounded up to ``vocab_multiple``."""
-        n = self.tokenizer.get_vocab_size()
-        return -(-n // self.vocab_multiple) * self.vocab_multiple
-
-    @cached_property
-    def vocab_info(self) -> VocabInfo:
-        counts = self.token_counts() if self.masking.needs_counts else None
-        special = self.special_tokens
-        return VocabInfo(self.tokenizer.get_vocab_size(), special.mask_id, special.pad_id,
-                         special.special_ids, counts)
 
     def token_counts(self) -> np.ndarray:
         """How often each token id occurs in the training split (counted when preparing)."""

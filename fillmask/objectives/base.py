@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from tokenizers import Tokenizer
 
-from fillmask.architectures.base import Encoder, encoder_inputs
+from fillmask.architectures.base import Encoder, count_real_tokens, encoder_inputs
 from fillmask.errors import FillmaskError
 
 Schedule = Literal["linear", "cosine", "constant", "wsd"]
@@ -116,7 +116,7 @@ class EncoderObjective(L.LightningModule):
         log_global_batch_size(self.trainer)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self._step_tokens = self._step_tokens + real_tokens(batch)
+        self._step_tokens = self._step_tokens + count_real_tokens(batch)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Log ``train/tokens_per_step``: the real (non-padding) tokens of every micro-batch of
@@ -182,15 +182,6 @@ class EncoderObjective(L.LightningModule):
                 f"{self.encoder.vocab_size} rows; set the encoder's vocab_size to at least "
                 f"{tokens} (the CLI links it from the data module) or use a smaller tokenizer"
             )
-
-
-def real_tokens(batch: Any) -> torch.Tensor | int:
-    """Non-padding tokens of a collated batch (a device tensor when it has padding, else an
-    int), 0 for a batch that is not a dictionary with ``input_ids``."""
-    if not isinstance(batch, dict) or not isinstance(batch.get("input_ids"), torch.Tensor):
-        return 0
-    mask = batch.get("attention_mask")
-    return batch["input_ids"].numel() if mask is None else mask.sum()
 
 
 def data_parallel_processes(trainer: L.Trainer) -> int:

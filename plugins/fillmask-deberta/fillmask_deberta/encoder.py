@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fillmask.architectures.base import Encoder, normal_init, pairwise_mask
+from fillmask.architectures.bert import ACTIVATIONS, FeedForward
 
 if TYPE_CHECKING:
     from fillmask.interop.hf import TransformersModel
@@ -34,7 +35,6 @@ PRESETS: dict[str, dict[str, int]] = {
     "large": dict(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096),
 }
 
-ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
 
 POSITION_TERMS = ("c2p", "p2c")
 
@@ -195,19 +195,6 @@ class DisentangledAttention(nn.Module):
 # One block.
 
 
-class FeedForward(nn.Module):
-    """Linear -> activation -> Linear."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int, activation: str) -> None:
-        super().__init__()
-        self.up = nn.Linear(hidden_size, intermediate_size)
-        self.down = nn.Linear(intermediate_size, hidden_size)
-        self.act = ACTIVATIONS[activation]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(self.act(self.up(x)))
-
-
 class DebertaBlock(nn.Module):
     """A post-LN block: disentangled attention, then the feed-forward layer."""
 
@@ -227,7 +214,7 @@ class DebertaBlock(nn.Module):
         self.attention = DisentangledAttention(hidden_size, num_heads, position_terms,
                                                share_att_key, dropout, attention_dropout)
         self.attention_norm = nn.LayerNorm(hidden_size, eps=eps)
-        self.ffn = FeedForward(hidden_size, intermediate_size, activation)
+        self.ffn = FeedForward(hidden_size, intermediate_size, activation, bias=True)
         self.ffn_norm = nn.LayerNorm(hidden_size, eps=eps)
         self.dropout = nn.Dropout(dropout)
 

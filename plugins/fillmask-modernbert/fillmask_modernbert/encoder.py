@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fillmask.architectures.base import Encoder
+from fillmask.architectures.bert import ACTIVATIONS as BERT_ACTIVATIONS
 
 if TYPE_CHECKING:
     from fillmask.interop.hf import TransformersModel
@@ -36,8 +37,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "large": dict(hidden_size=1024, num_layers=28, num_heads=16, intermediate_size=2624),
 }
 
-ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-               "silu": F.silu, "relu": F.relu}
+ACTIVATIONS = {**BERT_ACTIVATIONS, "silu": F.silu}
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 
