@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 from fillmask_deberta import DebertaEncoder
 from fillmask_deberta.hf import (
     UnsupportedConfig,
@@ -11,8 +12,6 @@ from fillmask_deberta.hf import (
     hf_config,
     state_dict_to_hf,
 )
-
-transformers = pytest.importorskip("transformers")
 
 TINY = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
             intermediate_size=64, max_position_embeddings=192, hidden_dropout_prob=0.1,
