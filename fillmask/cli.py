@@ -14,6 +14,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from fillmask.callbacks import Throughput
 from fillmask.checkpointing import (
     PREEMPTED_EXIT_CODE,
     AtomicCheckpointIO,
@@ -52,6 +53,7 @@ class FillmaskCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         make_reliable(trainer)
+        monitor_throughput(trainer)
         return trainer
 
     def _parse_ckpt_path(self) -> None:
@@ -76,6 +78,13 @@ def make_reliable(trainer: L.Trainer) -> None:
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
     if not any(isinstance(cb, Preemption) for cb in trainer.callbacks):
         trainer.callbacks.append(Preemption())
+
+
+def monitor_throughput(trainer: L.Trainer) -> None:
+    """Log tokens/s and useful-FLOP utilisation in every run: add a :class:`Throughput`
+    callback unless the configuration has one."""
+    if not any(isinstance(cb, Throughput) for cb in trainer.callbacks):
+        trainer.callbacks.append(Throughput())
 
 
 def run_lightning(args: list[str] | None = None) -> FillmaskCLI:

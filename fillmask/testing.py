@@ -1,6 +1,7 @@
 """Test helpers for fillmask and for plugin packages: import the fixtures into a
 ``conftest.py`` (``from fillmask.testing import isolated_cache, one_thread, small_corpus``) and
-check an export with :func:`assert_export_matches`."""
+check an export with :func:`assert_export_matches`; train a few steps on ready-made batches with
+:func:`fit_losses`."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -25,6 +28,23 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         os.environ.pop("FILLMASK_CACHE", None)
     else:
         os.environ["FILLMASK_CACHE"] = previous
+
+
+def fit_losses(model: L.LightningModule, batches: list[dict[str, torch.Tensor]], folder: Path,
+               steps: int) -> list[float]:
+    """Train ``model`` for ``steps`` optimiser steps on ready-made ``batches`` (no validation,
+    logging or checkpoints, files under ``folder``); the loss of every step."""
+    losses: list[float] = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    trainer = L.Trainer(max_steps=steps, logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False,
+                        limit_val_batches=0, default_root_dir=folder, callbacks=[Record()])
+    trainer.fit(model, train_dataloaders=DataLoader(batches, batch_size=None))
+    return losses
 
 
 @pytest.fixture(scope="module")

@@ -46,3 +46,12 @@ def test_throughput_and_summary_are_logged(small_corpus, tmp_path, caplog):
     assert last["throughput/real_tokens_per_sec"] == pytest.approx(tokens)  # packed: no padding
     assert 0 < last["throughput/utilisation"] < 1.5
     assert "fit done: 6 steps" in caplog.text and "validation: accuracy" in caplog.text
+
+
+def test_every_pretraining_run_monitors_throughput(tmp_path):
+    from fillmask.cli import monitor_throughput
+
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    monitor_throughput(trainer)
+    monitor_throughput(trainer)  # a run whose config names one keeps only that one
+    assert sum(isinstance(cb, Throughput) for cb in trainer.callbacks) == 1

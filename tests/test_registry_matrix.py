@@ -9,10 +9,8 @@ import functools
 from collections.abc import Callable
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from fillmask.architectures.base import Encoder, real_tokens
 from fillmask.data.datamodule import MaskedLMDataModule
@@ -24,6 +22,7 @@ from fillmask.objectives.mlm import MaskedLM
 from fillmask.objectives.rtd import ReplacedTokenDetection
 from fillmask.objectives.span_boundary import SpanBoundaryLM
 from fillmask.registry import registry
+from fillmask.testing import fit_losses
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "golden"
 FOUND = registry()
@@ -87,16 +86,7 @@ OBJECTIVES: dict[str, Recipe] = {
 def one_step(model: EncoderObjective, data: list[dict[str, torch.Tensor]], folder: Path) -> None:
     """Train one optimiser step; the loss is finite and the encoder's weights moved."""
     before = {k: v.detach().clone() for k, v in model.encoder.state_dict().items()}
-    losses: list[float] = []
-
-    class Record(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            losses.append(float(outputs["loss"]))
-
-    trainer = L.Trainer(max_steps=1, logger=False, enable_progress_bar=False,
-                        enable_checkpointing=False, enable_model_summary=False,
-                        default_root_dir=folder, callbacks=[Record()])
-    trainer.fit(model, train_dataloaders=DataLoader(data, batch_size=None))
+    losses = fit_losses(model, data, folder, steps=1)
     assert len(losses) == 1 and torch.isfinite(torch.tensor(losses[0]))
     after = model.encoder.state_dict()
     moved = [k for k in before if not torch.equal(before[k], after[k])]

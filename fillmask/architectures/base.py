@@ -148,6 +148,15 @@ class Encoder(nn.Module):
         """
         raise NotImplementedError
 
+    def selected_states(self, input_ids: torch.Tensor, selected: torch.Tensor,
+                        **inputs: torch.Tensor | None) -> torch.Tensor:
+        """The hidden states of the tokens ``selected`` (B, T, boolean) marks, as (K, C) in
+        row-major order: what an MLM loss decodes. Equal to ``self(input_ids, **inputs)
+        [selected]``, which this default computes; encoders may skip work only the other
+        tokens' states need (BertEncoder runs its last block's output projection and
+        feed-forward on the selected tokens alone)."""
+        return self(input_ids, **inputs)[selected]
+
 
 def normal_init(module: nn.Module, std: float) -> None:
     """BERT's initialisation, for ``encoder.apply``: linear and embedding weights from

@@ -221,13 +221,16 @@ class SelfAttention(nn.Module):
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None,
-                unpadded: Unpadded | None = None) -> torch.Tensor:
+                unpadded: Unpadded | None = None, keep: torch.Tensor | None = None
+                ) -> torch.Tensor:
         """Attend over ``x`` (B, T, C), or (N, C) with ``unpadded``; ``mask`` is boolean (True:
-        may attend) or a float bias, broadcastable to (B, H, T, T)."""
+        may attend) or a float bias, broadcastable to (B, H, T, T). With ``keep`` (indices
+        into the rows of ``x`` flattened to tokens) only those tokens' outputs are projected
+        and returned: (K, C)."""
         qkv = self.qkv(x)  # (B, T, 3C) | (N, 3C)
         p = self.dropout if self.training else 0.0
         if unpadded is not None and unpadded.cu_seqlens is not None:
-            return self.out(self._flash(qkv, unpadded, p))  # (N, C)
+            return self.out(rows(self._flash(qkv, unpadded, p), keep))  # (N | K, C)
         if unpadded is not None:
             qkv = unpadded.scatter(qkv)  # (B, T, 3C)
         B, T, _ = qkv.shape
@@ -237,7 +240,8 @@ class SelfAttention(nn.Module):
             mask = mask.to(q.dtype)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, C)
-        return self.out(y if unpadded is None else unpadded.gather(y))  # (B, T, C) | (N, C)
+        y = y if unpadded is None else unpadded.gather(y)  # (B, T, C) | (N, C)
+        return self.out(rows(y, keep))  # (B, T, C) | (N, C) | (K, C)
 
     def _flash(self, qkv: torch.Tensor, unpadded: Unpadded, p: float) -> torch.Tensor:
         """Varlen FlashAttention over the S sequences of ``qkv`` (N, 3C): (N, C)."""
@@ -309,13 +313,24 @@ class BertBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None,
-                unpadded: Unpadded | None = None) -> torch.Tensor:
-        """(B, T, C) -> (B, T, C), or (N, C) -> (N, C) with ``unpadded``."""
+                unpadded: Unpadded | None = None, keep: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C), or (N, C) -> (N, C) with ``unpadded``. With ``keep``
+        (token indices into ``x``'s rows) only those tokens go on past attention: (K, C), and
+        the output projection, feed-forward, norms and dropout skip every other token."""
         if self.norm_position == "pre":
-            x = x + self.dropout(self.attention(self.attention_norm(x), mask, unpadded))
+            attended = self.attention(self.attention_norm(x), mask, unpadded, keep)
+            x = rows(x, keep) + self.dropout(attended)
             return x + self.dropout(self.ffn(self.ffn_norm(x)))
-        x = self.attention_norm(x + self.dropout(self.attention(x, mask, unpadded)))
+        x = self.attention_norm(rows(x, keep)
+                                + self.dropout(self.attention(x, mask, unpadded, keep)))
         return self.ffn_norm(x + self.dropout(self.ffn(x)))
+
+
+def rows(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """The tokens ``keep`` indexes of ``x`` (B, T, C) or (N, C), as (K, C); all of ``x``
+    unchanged without ``keep``."""
+    return x if keep is None else x.flatten(0, -2).index_select(0, keep)
 
 
 class BertEncoder(Encoder):
@@ -472,7 +487,11 @@ class BertEncoder(Encoder):
         token_type_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
+        selected: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Hidden states (B, T, C); with ``selected`` (B, T boolean) only the selected tokens'
+        states, (K, C) in row-major order, computing the last block for them alone (see
+        :meth:`~fillmask.architectures.base.Encoder.selected_states`)."""
         T = input_ids.shape[1]
         if T > self.max_positions:
             raise ValueError(f"a batch of {T} tokens exceeds max_positions="
@@ -487,11 +506,20 @@ class BertEncoder(Encoder):
             mask = self._attention_mask(input_ids, attention_mask, document_ids)
         if unpadded is not None:
             x = unpadded.gather(x)  # (N, C)
+        keep = None if selected is None else kept_tokens(selected, unpadded)  # (K,)
         for layer in range(self.num_layers):
-            x = self.blocks[0 if len(self.blocks) == 1 else layer](x, mask, unpadded)
+            last = layer == self.num_layers - 1
+            block = self.blocks[0 if len(self.blocks) == 1 else layer]
+            x = block(x, mask, unpadded, keep if last else None)
         if self.final_norm is not None:
             x = self.final_norm(x)
+        if keep is not None:
+            return x  # (K, C)
         return x if unpadded is None else unpadded.scatter(x)  # (B, T, C)
+
+    def selected_states(self, input_ids: torch.Tensor, selected: torch.Tensor,
+                        **inputs: torch.Tensor | None) -> torch.Tensor:
+        return self(input_ids, selected=selected, **inputs)
 
     def _attention_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                         document_ids: torch.Tensor | None) -> torch.Tensor | None:
@@ -515,6 +543,15 @@ class BertEncoder(Encoder):
             return layout
         slopes = alibi_slopes(self.num_heads).to(x.device) if self.alibi else None
         return with_sequences(layout, document_ids, slopes)
+
+
+def kept_tokens(selected: torch.Tensor, unpadded: Unpadded | None) -> torch.Tensor:
+    """Indices of the ``selected`` (B, T) tokens among the rows the blocks compute: the B * T
+    positions, or with ``unpadded`` the N real tokens (selected tokens are real ones)."""
+    flat = selected.flatten()  # (B * T,)
+    if unpadded is None:
+        return flat.nonzero().squeeze(1)  # (K,)
+    return flat.index_select(0, unpadded.indices).nonzero().squeeze(1)  # (K,)
 
 
 def flash_applies(x: torch.Tensor) -> bool:

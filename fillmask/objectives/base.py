@@ -44,6 +44,8 @@ class EncoderObjective(L.LightningModule):
         total_steps: int | None = None,
         decay_fraction: float = 0.1,
         decoupled_weight_decay: bool = False,
+        fused_adamw: bool = True,
+        compile: bool = False,
     ) -> None:
         """Configure optimisation.
 
@@ -67,6 +69,12 @@ class EncoderObjective(L.LightningModule):
                 per step at the peak rate, independent of the learning rate's size (Composer's
                 DecoupledAdamW, used by MosaicBERT and ModernBERT: 1e-5). Off: PyTorch's AdamW,
                 which removes ``learning_rate x weight_decay`` per step.
+            fused_adamw: Update every parameter in one fused AdamW kernel (CPU and CUDA; the
+                transformers Trainer's default too). Off, or on other devices: the
+                multi-tensor (foreach) implementation. The same update up to rounding.
+            compile: Compile the encoder with ``torch.compile`` (fuses the element-wise work
+                around the matmuls; the first steps pay the compilation, and on CPU it needs a
+                C++ compiler). The same model and checkpoints as eager execution.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["encoder"])
@@ -81,9 +89,10 @@ class EncoderObjective(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        optimizer = torch.optim.AdamW(
-            self._parameter_groups(), lr=hp.learning_rate, betas=tuple(hp.betas), eps=hp.eps
-        )
+        groups = self._parameter_groups()
+        fused = hp.get("fused_adamw", True) and fused_adamw_supports(groups)
+        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas),
+                                      eps=hp.eps, fused=fused or None)
         total = hp.total_steps or max(1, int(self.trainer.estimated_stepping_batches))
         warmup = hp.warmup_steps
         warmup = int(warmup * total) if isinstance(warmup, float) and warmup < 1 else int(warmup)
@@ -165,6 +174,9 @@ class EncoderObjective(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self._decays = decay_flags(self)  # before a strategy (FSDP) flattens the parameters
+        if self.hparams.get("compile") and not getattr(self, "_compiled", False):
+            self.encoder.compile()  # in place: parameter names and checkpoints stay as they are
+            self._compiled = True
         datamodule = getattr(self.trainer, "datamodule", None)
         length = getattr(datamodule, "max_length", None)
         limit = getattr(self.encoder, "max_positions", None)
@@ -182,6 +194,13 @@ class EncoderObjective(L.LightningModule):
                 f"{self.encoder.vocab_size} rows; set the encoder's vocab_size to at least "
                 f"{tokens} (the CLI links it from the data module) or use a smaller tokenizer"
             )
+
+
+def fused_adamw_supports(groups: list[dict[str, Any]]) -> bool:
+    """Whether AdamW's fused kernel takes these parameters: floating point, on CPU or CUDA."""
+    params = [p for group in groups for p in group["params"]]
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
+                                for p in params)
 
 
 def data_parallel_processes(trainer: L.Trainer) -> int:

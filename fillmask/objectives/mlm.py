@@ -11,7 +11,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
 
-from fillmask.architectures.base import Encoder
+from fillmask.architectures.base import Encoder, encoder_inputs
 from fillmask.heads import MLMHead, PairHead, head_eps
 from fillmask.masking.base import IGNORE_INDEX
 from fillmask.objectives.base import EncoderObjective, warmup_then_decay
@@ -87,11 +87,22 @@ class MaskedLM(EncoderObjective):
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Cross-entropy over masked positions: (loss, logits (N, V), targets (N,))."""
         selected = labels != IGNORE_INDEX  # (B, T)
-        logits = self.head(hidden[selected])  # (N, V)
-        targets = labels[selected]  # (N,)
+        return self.masked_loss(hidden[selected], labels[selected])
+
+    def masked_loss(self, states: torch.Tensor, targets: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Cross-entropy of the masked tokens' states (N, C) against their ``targets`` (N,):
+        (loss, logits (N, V), targets)."""
+        logits = self.head(states)  # (N, V)
         if targets.numel() == 0:  # nothing masked: contribute zero, keep the graph
             return logits.sum() * 0.0, logits, targets
         return F.cross_entropy(logits.float(), targets), logits, targets
+
+    def needs_every_state(self) -> bool:
+        """Whether a loss reads hidden states beyond the masked tokens' (the pair head reads
+        CLS, subclasses' extra losses others); if not, the encoder computes only what the
+        masked tokens need (:meth:`Encoder.selected_states`)."""
+        return self.pair_head is not None or type(self).extra_losses is not MaskedLM.extra_losses
 
     def extra_losses(self, batch: dict[str, torch.Tensor], hidden: torch.Tensor
                      ) -> dict[str, tuple[torch.Tensor, float]]:
@@ -112,6 +123,12 @@ class MaskedLM(EncoderObjective):
         return total, logits
 
     def _step(self, batch: dict[str, torch.Tensor]):
+        if not self.needs_every_state():
+            selected = batch["labels"] != IGNORE_INDEX  # (B, T)
+            states = self.encoder.selected_states(batch["input_ids"], selected,
+                                                  **encoder_inputs(batch))  # (N, C)
+            mlm, logits, targets = self.masked_loss(states, batch["labels"][selected])
+            return mlm, logits, targets, {"mlm_loss": mlm}
         hidden = self.encode(batch)
         mlm, logits, targets = self.mlm_loss(hidden, batch["labels"])
         extras = self.extra_losses(batch, hidden)
