@@ -6,9 +6,11 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from tokenizers import Tokenizer
@@ -130,6 +132,38 @@ class Throughput(L.Callback):
         pl_module.log("tok/s", metrics["throughput/tokens_per_sec"], prog_bar=True,
                       on_step=True, on_epoch=False, logger=False)
         self._reset(now)
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, reading the metrics it shows every ``metrics_every``
+    optimiser steps only.
+
+    Showing a logged tensor copies it to the host, which on a GPU waits for every kernel queued
+    so far; Lightning's bars read them after every batch, so a run with any progress-bar metric
+    synchronises every step. Between reads this bar shows the values it read last (the batch
+    counter moves on every batch); validation and epoch ends read them afresh.
+    """
+
+    def __init__(self, metrics_every: int | None = None, **kwargs: Any) -> None:
+        """Args:
+            metrics_every: Optimiser steps between reads; empty: the trainer's
+                ``log_every_n_steps``.
+            **kwargs: ``RichProgressBar``'s options (``refresh_rate``, ``leave``, ``theme``).
+        """
+        super().__init__(**kwargs)
+        self.metrics_every = metrics_every
+        self._shown: dict[str, Any] | None = None
+        self._read_at = 0
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        if not trainer.training:
+            self._shown = None
+            return super().get_metrics(trainer, pl_module)
+        every = self.metrics_every or max(1, trainer.log_every_n_steps)
+        step = trainer.global_step
+        if self._shown is None or step // every != self._read_at // every:
+            self._shown, self._read_at = super().get_metrics(trainer, pl_module), step
+        return self._shown
 
 
 def total_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:

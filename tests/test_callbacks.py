@@ -55,3 +55,35 @@ def test_every_pretraining_run_monitors_throughput(tmp_path):
     monitor_throughput(trainer)
     monitor_throughput(trainer)  # a run whose config names one keeps only that one
     assert sum(isinstance(cb, Throughput) for cb in trainer.callbacks) == 1
+
+
+def test_progress_bar_reads_metrics_on_logging_steps_only(tmp_path, monkeypatch):
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from fillmask.callbacks import ProgressBar
+
+    reads: list[int] = []
+    read = RichProgressBar.get_metrics
+
+    def spy(self, trainer, pl_module):
+        if trainer.training:
+            reads.append(trainer.global_step)
+        return read(self, trainer, pl_module)
+
+    monkeypatch.setattr(RichProgressBar, "get_metrics", spy)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 64, (9, 4, 16), generator=generator)
+    batches = [{"input_ids": row, "labels": row} for row in ids]
+    shown = {}
+    for bar in (RichProgressBar(), ProgressBar()):
+        reads.clear()
+        model = MaskedLM(BertEncoder.preset("tiny", vocab_size=64, max_positions=32))
+        trainer = L.Trainer(max_steps=9, log_every_n_steps=3, logger=False,
+                            enable_checkpointing=False, enable_model_summary=False,
+                            limit_val_batches=0, default_root_dir=tmp_path, callbacks=[bar])
+        trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader(batches,
+                                                                            batch_size=None))
+        shown[type(bar).__name__] = (list(reads), bar.get_metrics(trainer, model))
+    assert sorted(set(shown["RichProgressBar"][0])) == list(range(1, 10))  # Lightning: every step
+    assert shown["ProgressBar"][0] == [1, 3, 6, 9]  # fillmask's: on logging steps
+    assert "train/loss" in shown["ProgressBar"][1]
