@@ -161,26 +161,33 @@ class Flops:
 
 
 class StepClock:
-    """Times the end of every optimiser step and keeps each batch's token counts."""
+    """Times the end of the warm-up and of the measured steps (synchronising a GPU only
+    there) and keeps every batch's token counts."""
 
-    def __init__(self, cuda: bool) -> None:
-        self.cuda = cuda
-        self.ends: list[float] = []
+    def __init__(self, cuda: bool, warmup: int, steps: int) -> None:
+        self.cuda, self.warmup, self.steps = cuda, warmup, steps
+        self.ticks = 0
+        self.times: dict[int, float] = {}
         self.batches: list[dict[str, Any]] = []
 
     def tick(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-        self.ends.append(time.perf_counter())
+        """An optimiser step ended."""
+        self.ticks += 1
+        if self.ticks in (self.warmup, self.warmup + self.steps):
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.times[self.ticks] = time.perf_counter()
 
     def record(self, input_ids: torch.Tensor, real: torch.Tensor, labels: torch.Tensor) -> None:
-        self.batches.append({"tokens": input_ids.numel(), "lengths": real.sum(1).cpu(),
-                             "width": input_ids.shape[1],
-                             "masked": int((labels != -100).sum())})
+        """Keep a batch's counts, on its device until the run ends (no host sync per step)."""
+        self.batches.append({"tokens": input_ids.numel(), "lengths": real.sum(1),
+                             "width": input_ids.shape[1], "masked": (labels != -100).sum()})
 
-    def summary(self, warmup: int, steps: int, flops: Flops, side: str) -> Result:
-        window = self.batches[warmup:warmup + steps]
-        seconds = self.ends[warmup + steps - 1] - self.ends[warmup - 1]
+    def summary(self, flops: Flops, side: str) -> Result:
+        warmup, steps = self.warmup, self.steps
+        window = [{**b, "lengths": b["lengths"].cpu(), "masked": int(b["masked"])}
+                  for b in self.batches[warmup:warmup + steps]]
+        seconds = self.times[warmup + steps] - self.times[warmup]
         tokens = sum(b["tokens"] for b in window)
         real = sum(int(b["lengths"].sum()) for b in window)
         return {"seconds": seconds, "steps": steps, "tokens_per_s": tokens / seconds,
@@ -218,7 +225,7 @@ def run_reference(setup: Setup, args: argparse.Namespace, rep: int) -> Result:
     samples = dm.samples["train"].select_columns(["input_ids"])
     collator = hf_collator(dm, whole_word=False)
     cuda = args.device == "cuda"
-    clock = StepClock(cuda)
+    clock = StepClock(cuda, args.warmup, args.steps)
     pad = collator.tokenizer.pad_token_id
 
     def counted(examples):
@@ -248,7 +255,7 @@ def run_reference(setup: Setup, args: argparse.Namespace, rep: int) -> Result:
             bf16=setup.precision.startswith("bf16"), dataloader_num_workers=0)
         Trainer(model=model, args=training, train_dataset=samples, data_collator=counted,
                 callbacks=[Clock()]).train()
-    result = clock.summary(args.warmup, args.steps, Flops.of(setup), "reference")
+    result = clock.summary(Flops.of(setup), "reference")
     return {**result, "peak_memory_mib": peak_memory_mib(cuda)}
 
 
@@ -265,7 +272,7 @@ def run_fillmask(setup: Setup, args: argparse.Namespace, rep: int) -> Result:
     from fillmask.objectives.mlm import MaskedLM
 
     cuda = args.device == "cuda"
-    clock = StepClock(cuda)
+    clock = StepClock(cuda, args.warmup, args.steps)
 
     class Clock(L.Callback):
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
@@ -287,7 +294,7 @@ def run_fillmask(setup: Setup, args: argparse.Namespace, rep: int) -> Result:
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
         num_sanity_val_steps=0, callbacks=[Clock()])
     trainer.fit(model, datamodule=dm)
-    result = clock.summary(args.warmup, args.steps, Flops.of(setup), "fillmask")
+    result = clock.summary(Flops.of(setup), "fillmask")
     return {**result, "peak_memory_mib": peak_memory_mib(cuda)}
 
 
@@ -468,6 +475,9 @@ def main() -> None:
     parser.add_argument("--markdown", help="write the table to this file")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.warmup < 1 or args.steps < 1:
+        parser.error("--warmup and --steps must be at least 1 (rates run from the end of a "
+                     "warm-up step)")
     if args.worker:
         return worker(args)
     if args.memory:
