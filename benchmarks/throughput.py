@@ -110,12 +110,6 @@ def data_module(setup: Setup, cache_dir: str | None):
         pad_to_multiple_of=1)
 
 
-def model_sizes(setup: Setup) -> dict[str, int]:
-    from fillmask.architectures.bert import PRESETS
-
-    return PRESETS[setup.preset]
-
-
 # FLOP counts (matmuls, forward + backward: 6 per weight and token).
 
 
@@ -219,6 +213,8 @@ def run_reference(setup: Setup, args: argparse.Namespace, rep: int) -> Result:
         TrainingArguments,
     )
 
+    from fillmask.architectures.bert import PRESETS
+
     transformers.logging.set_verbosity_error()
     dm = data_module(setup, args.cache_dir)
     dm.setup()
@@ -237,7 +233,7 @@ def run_reference(setup: Setup, args: argparse.Namespace, rep: int) -> Result:
         def on_step_end(self, *_, **__):
             clock.tick()
 
-    sizes = model_sizes(setup)
+    sizes = PRESETS[setup.preset]
     config = BertConfig(
         vocab_size=setup.vocab, hidden_size=sizes["hidden_size"],
         num_hidden_layers=sizes["num_layers"], num_attention_heads=sizes["num_heads"],

@@ -35,8 +35,10 @@ def datamodule_from_config(config: str, overrides: list[str]) -> MaskedLMDataMod
     section = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("data") or {}
     if "class_path" in section:  # the subclass form LightningCLI saves with every run
         if section["class_path"].rpartition(".")[2] != MaskedLMDataModule.__name__:
-            raise FillmaskError(f"{config}: inspect shows MaskedLMDataModule data, not "
-                                f"{section['class_path']}")
+            raise FillmaskError(
+                f"the data section of {config} is a {section['class_path']}, not a corpus; "
+                "give the config that reads the corpus (MaskedLMDataModule: data.corpus, "
+                "data.tokenizer)")
         section = section.get("init_args") or {}
     load_plugins()  # registered maskings resolve by short name
     import fillmask.cli  # noqa: F401  (and so do the data options)

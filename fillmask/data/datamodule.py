@@ -210,14 +210,37 @@ class BlockDataset(Dataset):
 
 
 class TokenizedData:
-    """The vocabulary a masked-LM data module gives the model and the masking: subclasses
-    provide ``tokenizer``, ``special_tokens``, ``token_counts()``, ``masking`` and
-    ``vocab_multiple``."""
+    """The vocabulary a masked-LM data module gives the model, and its masking: subclasses
+    provide ``tokenizer``, ``special_tokens``, ``token_counts()``, ``vocab_multiple``, ``seed``
+    and ``pad_to_multiple_of``, and keep their masking options with :meth:`_set_masking`."""
 
     tokenizer: Tokenizer
     special_tokens: SpecialTokens
     masking: Masking
+    masking_mode: MaskingMode
+    duplication_factor: int
     vocab_multiple: int
+    seed: int
+    pad_to_multiple_of: int
+
+    def _set_masking(self, masking: Masking | None, masking_mode: MaskingMode,
+                     duplication_factor: int) -> None:
+        """Check and keep the masking options (default masking: BERT's token masking)."""
+        if masking_mode not in ("dynamic", "static"):
+            raise ValueError(f"masking_mode={masking_mode!r}: choose 'dynamic' or 'static'")
+        if duplication_factor < 1:
+            raise ValueError(f"duplication_factor={duplication_factor} must be at least 1")
+        self.masking = masking or TokenMasking()
+        self.masking_mode = masking_mode
+        self.duplication_factor = duplication_factor
+
+    def masking_collator(self, train: bool, keep_word_ids: bool = False) -> MaskingCollator:
+        """The collator that pads and masks this module's samples."""
+        return MaskingCollator(
+            self.masking, self.vocab_info, self.seed, train, self.pad_to_multiple_of,
+            static=self.masking_mode == "static", duplication_factor=self.duplication_factor,
+            keep_word_ids=keep_word_ids,
+        )
 
     def token_counts(self) -> np.ndarray:
         raise NotImplementedError
@@ -301,10 +324,7 @@ class MaskedLMDataModule(TokenizedData, L.LightningDataModule):
                 and byte offset; ``replace`` reads undecodable bytes as U+FFFD (counted, logged).
         """
         super().__init__()
-        if masking_mode not in ("dynamic", "static"):
-            raise ValueError(f"masking_mode={masking_mode!r}: choose 'dynamic' or 'static'")
-        if duplication_factor < 1:
-            raise ValueError(f"duplication_factor={duplication_factor} must be at least 1")
+        self._set_masking(masking, masking_mode, duplication_factor)
         self.sources = list(mixture) if mixture else [
             CorpusSource(corpus if isinstance(corpus, str) else ",".join(corpus),
                          text_column=text_column, sample_by=sample_by)]
@@ -317,9 +337,6 @@ class MaskedLMDataModule(TokenizedData, L.LightningDataModule):
         self.pad_to_multiple_of = pad_to_multiple_of
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
-        self.masking = masking or TokenMasking()
-        self.masking_mode = masking_mode
-        self.duplication_factor = duplication_factor
         self.num_workers = num_workers
         self.seed = seed
         self.validation_fraction = validation_fraction
@@ -420,11 +437,7 @@ class MaskedLMDataModule(TokenizedData, L.LightningDataModule):
     # Loaders.
 
     def collator(self, train: bool, keep_word_ids: bool = False) -> MaskingCollator:
-        return MaskingCollator(
-            self.masking, self.vocab_info, self.seed, train, self.pad_to_multiple_of,
-            static=self.masking_mode == "static", duplication_factor=self.duplication_factor,
-            keep_word_ids=keep_word_ids,
-        )
+        return self.masking_collator(train, keep_word_ids)
 
     def _sampler(self, split: str, train: bool) -> ShardedSampler:
         size = len(self._samples()[split])

@@ -26,7 +26,6 @@ from typing import Any
 import datasets
 import numpy as np
 import pyarrow.compute as pc
-import yaml
 
 from fillmask.data.datamodule import MaskedLMDataModule
 from fillmask.data.streaming import (
@@ -201,20 +200,6 @@ def _manifest(data: MaskedLMDataModule, splits: dict[str, Any]) -> dict[str, Any
 # The command.
 
 
-def corpus_data_module(config: str, overrides: list[str]) -> MaskedLMDataModule:
-    """The in-memory data module of a run config's ``data:`` section (``--data.*`` on top)."""
-    from fillmask.inspection import datamodule_from_config
-
-    path = Path(config)
-    if path.is_file():
-        section = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("data") or {}
-        target = section.get("class_path", "") if isinstance(section, dict) else ""
-        if target and target.rpartition(".")[2] != MaskedLMDataModule.__name__:
-            raise ShardError(f"the data section of {config} is a {target}, not a corpus; give "
-                             "the config that reads the corpus (data.corpus, data.tokenizer)")
-    return datamodule_from_config(config, overrides)
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fillmask data", description=(
         "Corpora larger than memory: tokenise and pack once into shards, then train with "
@@ -238,13 +223,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def data_main(argv: list[str]) -> int:
     """``fillmask data prepare --config RUN.yaml --output DIR [--data.* overrides]``."""
+    from fillmask.inspection import datamodule_from_config  # imports the CLI's data options
+
     parser = _parser()
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if o.startswith("--") and not o.startswith("--data.")]
     if bad:
         parser.error(f"unknown option {bad[0]}; prepare takes --data.* overrides besides its own")
     try:
-        data = corpus_data_module(args.config, overrides)
+        data = datamodule_from_config(args.config, overrides)
         manifest = prepare_shards(data, args.output, args.shard_bytes, max(1, args.workers),
                                   args.overwrite)
     except (FillmaskError, ValueError) as error:

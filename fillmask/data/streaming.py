@@ -92,7 +92,6 @@ from fillmask.data.tokenize import SpecialTokens, load_tokenizer
 from fillmask.errors import FillmaskError
 from fillmask.masking.base import Masking
 from fillmask.masking.random import derive_seed
-from fillmask.masking.token import TokenMasking
 from fillmask.paths import cache_root
 
 MANIFEST = "fillmask.json"
@@ -437,16 +436,10 @@ class StreamingMaskedLMDataModule(TokenizedData, L.LightningDataModule):
                 to fsspec.
         """
         super().__init__()
-        if masking_mode not in ("dynamic", "static"):
-            raise ValueError(f"masking_mode={masking_mode!r}: choose 'dynamic' or 'static'")
-        if duplication_factor < 1:
-            raise ValueError(f"duplication_factor={duplication_factor} must be at least 1")
+        self._set_masking(masking, masking_mode, duplication_factor)
         self.path = str(path) if is_remote(str(path)) else str(Path(path).expanduser())
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
-        self.masking = masking or TokenMasking()
-        self.masking_mode = masking_mode
-        self.duplication_factor = duplication_factor
         self.num_workers = num_workers
         self.seed = seed
         self.pad_to_multiple_of = pad_to_multiple_of
@@ -528,11 +521,7 @@ class StreamingMaskedLMDataModule(TokenizedData, L.LightningDataModule):
         self.manifest  # noqa: B018  (a missing or foreign folder fails here, before step 0)
 
     def collator(self, train: bool, keep_word_ids: bool = False) -> StreamCollator:
-        return StreamCollator(MaskingCollator(
-            self.masking, self.vocab_info, self.seed, train, self.pad_to_multiple_of,
-            static=self.masking_mode == "static", duplication_factor=self.duplication_factor,
-            keep_word_ids=keep_word_ids,
-        ))
+        return StreamCollator(self.masking_collator(train, keep_word_ids))
 
     def data_parallel(self) -> tuple[int, int]:
         """(processes, rank) of data parallelism, as the in-memory module reads them."""
