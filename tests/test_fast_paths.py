@@ -11,6 +11,7 @@ from test_mosaicbert import packed_batch, padded_batch, real_of, tiny
 from fillmask.architectures.base import Encoder
 from fillmask.architectures.bert import BertEncoder
 from fillmask.masking.base import IGNORE_INDEX
+from fillmask.objectives.base import MismatchError
 from fillmask.objectives.mlm import MaskedLM
 from fillmask.objectives.span_boundary import SpanBoundaryLM
 from fillmask.testing import fit_losses
@@ -128,3 +129,10 @@ def test_fused_adamw_is_the_default_and_matches_foreach(tmp_path):
     assert fused == pytest.approx(plain, rel=1e-5)
     for name, value in fused_model.state_dict().items():
         torch.testing.assert_close(value, plain_model.state_dict()[name], atol=1e-5, rtol=1e-4)
+
+
+def test_compile_without_a_compiler_is_one_clear_error_before_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no C++ compiler on it
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(MismatchError, match=r"compile: true on a CPU needs a C\+\+ compiler"):
+        tiny_fit(tmp_path, compile=True)

@@ -8,7 +8,9 @@ objective, and `--model.help` lists them with the objective's own options.
 from __future__ import annotations
 
 import math
+import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -175,6 +177,7 @@ class EncoderObjective(L.LightningModule):
     def setup(self, stage: str) -> None:
         self._decays = decay_flags(self)  # before a strategy (FSDP) flattens the parameters
         if self.hparams.get("compile") and not getattr(self, "_compiled", False):
+            check_compiler(self.trainer.strategy.root_device)
             self.encoder.compile()  # in place: parameter names and checkpoints stay as they are
             self._compiled = True
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -194,6 +197,19 @@ class EncoderObjective(L.LightningModule):
                 f"{self.encoder.vocab_size} rows; set the encoder's vocab_size to at least "
                 f"{tokens} (the CLI links it from the data module) or use a smaller tokenizer"
             )
+
+
+def check_compiler(device: torch.device) -> None:
+    """``compile: true`` on a CPU needs a C++ compiler (torch.compile builds C++ kernels): say
+    so before step 0 instead of failing inside the first compiled step."""
+    if device.type != "cpu":
+        return
+    candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "clang++", "c++"]
+    if not any(shutil.which(name) for name in candidates):
+        raise MismatchError(
+            f"model.init_args.compile: true on a CPU needs a C++ compiler, and none of "
+            f"{', '.join(candidates)} is on PATH; install one (apt install g++) or set "
+            "compile: false")
 
 
 def fused_adamw_supports(groups: list[dict[str, Any]]) -> bool:
