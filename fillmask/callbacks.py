@@ -10,7 +10,8 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import ModelSummary as LightningModelSummary
+from lightning.pytorch.callbacks import RichModelSummary, RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from tokenizers import Tokenizer
@@ -164,6 +165,68 @@ class ProgressBar(RichProgressBar):
         if self._shown is None or step // every != self._read_at // every:
             self._shown, self._read_at = super().get_metrics(trainer, pl_module), step
         return self._shown
+
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        # Lightning's reads "Epoch 21/-2" when the run is bounded by max_steps (max_epochs -1).
+        if self.trainer.max_epochs is None or self.trainer.max_epochs < 0:
+            description = f"Epoch {current_epoch}"
+            return f"{description:{len(self.validation_description)}}"
+        return super()._get_train_description(current_epoch)
+
+
+class ModelSummary(LightningModelSummary):
+    """The model's layers and parameter counts at the start of ``fit``, as a table.
+
+    Lightning's summary adds a FLOPs column and a "Total FLOPs" line that read 0 unless the
+    model defines ``example_input_array`` (fillmask's objectives take variable batches, so
+    they never do): this one shows FLOPs only when they were measured. Every fillmask run
+    uses it in place of Lightning's default summary.
+    """
+
+    @staticmethod
+    def summarize(summary_data: list[tuple[str, list[str]]], total_parameters: int,
+                  trainable_parameters: int, model_size: float,
+                  total_training_modes: dict[str, int], total_flops: int = 0,
+                  **summarize_kwargs: Any) -> None:
+        from lightning.pytorch.utilities.model_summary.model_summary import (
+            get_formatted_model_size,
+            get_human_readable_count,
+        )
+        from rich import get_console
+        from rich.table import Table
+
+        columns = [(name, values) for name, values in summary_data
+                   if name != "FLOPs" or total_flops > 0]
+        table = Table(header_style=summarize_kwargs.get("header_style", "bold magenta"))
+        for name, _ in columns:
+            table.add_column(name, justify="right" if name in ("Params", "FLOPs") else "left",
+                             style="dim" if name == " " else None, no_wrap=name == "Name")
+        for row in zip(*(values for _, values in columns), strict=True):
+            table.add_row(*row)
+        totals = Table.grid()
+        frozen = total_parameters - trainable_parameters
+        lines = [("Trainable params", get_human_readable_count(int(trainable_parameters))),
+                 ("Non-trainable params", get_human_readable_count(int(frozen))),
+                 ("Total params", get_human_readable_count(int(total_parameters))),
+                 ("Estimated size (MB)", get_formatted_model_size(model_size)),
+                 ("Modules in train / eval mode",
+                  f"{total_training_modes['train']} / {total_training_modes['eval']}")]
+        if total_flops > 0:
+            lines.append(("Total FLOPs", get_human_readable_count(total_flops)))
+        for label, value in lines:
+            totals.add_row(f"[bold]{label}[/]: {value}")
+        console = get_console()
+        console.print(table)
+        console.print(totals)
+
+
+def use_fillmask_summary(trainer: L.Trainer) -> None:
+    """Put :class:`ModelSummary` in place of the summary Lightning adds by default (a
+    configured summary callback of another class stays)."""
+    for index, callback in enumerate(trainer.callbacks):
+        if type(callback) in (LightningModelSummary, RichModelSummary):
+            trainer.callbacks[index] = ModelSummary(max_depth=callback._max_depth)
 
 
 def total_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:

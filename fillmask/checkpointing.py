@@ -8,6 +8,11 @@
   command then exits with :data:`PREEMPTED_EXIT_CODE`.
 - :func:`resolve_resume_path` gives ``--ckpt_path last`` (or ``auto``) its meaning: the newest
   *valid* checkpoint of the run, skipping truncated or empty files with a warning.
+- :func:`place_run` makes ``trainer.default_root_dir`` the one option that places a run: its
+  checkpoints go to ``<root>/checkpoints``, its TensorBoard logs (and resolved config) to
+  ``<root>/tensorboard``; :func:`refuse_rerun` stops a second run from landing on a first one
+  (so ``last.ckpt`` is always the folder's own run's), and :class:`FinalCheckpoint` saves the
+  state a run ends in whatever ``max_steps``.
 """
 
 from __future__ import annotations
@@ -23,13 +28,14 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from fillmask.objectives.base import CheckpointError
+from fillmask.checkpoint_file import CheckpointError
+from fillmask.errors import PREEMPTED_EXIT_CODE, FillmaskError  # noqa: F401
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"
 PREEMPTED_NAME = "preempted.ckpt"
 
 
@@ -174,3 +180,71 @@ class Preemption(L.Callback):
         if isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
             trainer.save_checkpoint(self.ckpt_path)
             self.saved = self.ckpt_path
+
+
+RUN_LOGS = "tensorboard"
+"""Subfolder of the run folder that holds the TensorBoard event files and the resolved config."""
+
+
+def place_run(trainer: L.Trainer, logger_setting: Any) -> None:
+    """Put a run's TensorBoard logs in ``<default_root_dir>/tensorboard`` (when the config
+    names no logger: ``logger_setting`` is None or True) and the checkpoints of every
+    ModelCheckpoint or Preemption callback without a ``dirpath`` in
+    ``<default_root_dir>/checkpoints``: one option, ``trainer.default_root_dir``, moves a run."""
+    root = Path(trainer.default_root_dir)
+    if logger_setting is None or logger_setting is True:
+        trainer.logger = TensorBoardLogger(save_dir=str(root), name=RUN_LOGS, version="")
+    for callback in trainer.callbacks:
+        if isinstance(callback, (ModelCheckpoint, Preemption)) and callback.dirpath is None:
+            callback.dirpath = str(root / "checkpoints")
+    if not any(isinstance(cb, FinalCheckpoint) for cb in trainer.callbacks):
+        # Before the checkpoint callbacks (Lightning keeps them last): their own end-of-training
+        # save of last.ckpt would otherwise come first and leave no step checkpoint.
+        first = next((i for i, cb in enumerate(trainer.callbacks) if isinstance(cb, Checkpoint)),
+                     len(trainer.callbacks))
+        trainer.callbacks.insert(first, FinalCheckpoint())
+
+
+class RerunError(FillmaskError):
+    """A new run pointed at a folder that holds an earlier run."""
+
+
+def refuse_rerun(trainer: L.Trainer) -> None:
+    """Refuse to start a new run (no ``--ckpt_path``) in a folder that holds another run's
+    checkpoints or logs: the new ``last.ckpt`` would sit beside the old files (Lightning
+    writes ``last-v1.ckpt``) and the event files would mix. Nothing is written or removed."""
+    earlier = run_checkpoints(trainer)
+    log_dir = trainer.log_dir if trainer.loggers else None
+    if not earlier and log_dir and Path(log_dir).is_dir():
+        earlier = sorted(Path(log_dir).glob("events.out.tfevents.*"))
+    if not earlier:
+        return
+    root = Path(trainer.default_root_dir)
+    raise RerunError(
+        f"{root} already holds a run ({earlier[0]}); continue it with --ckpt_path last, start "
+        f"a new one elsewhere with --trainer.default_root_dir {root.name}-2 (or another "
+        f"folder), or delete {root} to train it again from scratch")
+
+
+class FinalCheckpoint(L.Callback):
+    """Save the state a run ends in: at the end of training, every ModelCheckpoint that did
+    not save at the final step writes its checkpoint (and ``last.ckpt`` when it keeps one).
+
+    Lightning saves on its schedule only (``every_n_train_steps``, epoch ends, validation),
+    so a run whose ``max_steps`` is not on that schedule would end with a ``last.ckpt`` of an
+    earlier step. This uses ModelCheckpoint's own saving methods, so file names, top-k and
+    ``last.ckpt`` follow its configuration.
+    """
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step == 0 or trainer.sanity_checking:
+            return
+        for callback in trainer.checkpoint_callbacks:
+            if not isinstance(callback, ModelCheckpoint):
+                continue
+            if callback._last_global_step_saved == trainer.global_step:
+                continue
+            candidates = callback._monitor_candidates(trainer)
+            if callback.monitor is None or callback.monitor in candidates:
+                callback._save_topk_checkpoint(trainer, candidates)
+            callback._save_last_checkpoint(trainer, candidates)

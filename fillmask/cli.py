@@ -1,5 +1,9 @@
-"""The `fillmask` command: LightningCLI (fit/validate/test/predict) plus fill, score, export,
-data, inspect, finetune, plugins and tokenizer."""
+"""The `fillmask` command: fit/validate/test/predict (LightningCLI, in fillmask.fit) plus fill,
+score, export, data, inspect, finetune, plugins and tokenizer.
+
+Nothing heavy is imported here: each command imports what it needs when it runs, so
+``fillmask --help`` starts at once and ``fillmask fill`` never imports Lightning.
+"""
 
 from __future__ import annotations
 
@@ -7,119 +11,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
-import lightning as L
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-from fillmask.callbacks import Throughput
-from fillmask.checkpointing import (
-    PREEMPTED_EXIT_CODE,
-    AtomicCheckpointIO,
-    Preemption,
-    resolve_resume_path,
-)
-from fillmask.data.datamodule import MaskedLMDataModule
-from fillmask.data.mixture import CorpusSource  # noqa: F401  (short names of data options)
-from fillmask.data.packing import (  # noqa: F401
-    ChunkPacking,
-    DocumentPacking,
-    LinePacking,
-    SentencePairs,
-)
-from fillmask.data.streaming import StreamingMaskedLMDataModule  # noqa: F401  (short name)
-from fillmask.errors import FillmaskError
-from fillmask.objectives.base import EncoderObjective
-from fillmask.registry import GROUPS, load_plugins, registry
-
-DEFAULT_DATA = f"{MaskedLMDataModule.__module__}.{MaskedLMDataModule.__qualname__}"
-
-
-class FillmaskCLI(LightningCLI):
-    """LightningCLI with the tokenizer's vocabulary linked into the encoder, atomic
-    checkpoints, a preemption checkpoint, and ``--ckpt_path last`` that skips broken files."""
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments(
-            "data.vocab_size", "model.init_args.encoder.init_args.vocab_size",
-            apply_on="instantiate",
-        )
-        # A data section without class_path (every recipe) is the in-memory module; streamed
-        # shards are `class_path: StreamingMaskedLMDataModule`.
-        parser.set_defaults({"data": {"class_path": DEFAULT_DATA}})
-
-    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        trainer = super().instantiate_trainer(**kwargs)
-        make_reliable(trainer)
-        monitor_throughput(trainer)
-        return trainer
-
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads an explicit checkpoint while parsing: check it first, so a
-        # truncated file is one line naming it, not a zip error from inside torch.
-        subcommand = self.config.get("subcommand")
-        path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if path not in (None, "last", "auto", "best", "hpc"):
-            resolve_resume_path(path, None)
-        super()._parse_ckpt_path()
-
-    def before_fit(self) -> None:
-        config = self.config_init[self.subcommand]
-        if config.get("ckpt_path") in ("last", "auto"):  # explicit paths were checked above
-            config["ckpt_path"] = resolve_resume_path(config["ckpt_path"], self.trainer)
-
-
-def make_reliable(trainer: L.Trainer) -> None:
-    """Give a trainer atomic checkpoint writes and a preemption checkpoint (unless it has
-    its own checkpoint IO or Preemption callback)."""
-    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
-        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-    if not any(isinstance(cb, Preemption) for cb in trainer.callbacks):
-        trainer.callbacks.append(Preemption())
-
-
-def monitor_throughput(trainer: L.Trainer) -> None:
-    """Log tokens/s and useful-FLOP utilisation in every run: add a :class:`Throughput`
-    callback unless the configuration has one."""
-    if not any(isinstance(cb, Throughput) for cb in trainer.callbacks):
-        trainer.callbacks.append(Throughput())
-
-
-def run_lightning(args: list[str] | None = None) -> FillmaskCLI:
-    """Run LightningCLI for MLM pretraining (``fillmask fit --config X.yaml``).
-
-    Every registered architecture, objective and masking (fillmask's and installed plugins')
-    is imported first, so YAML may name them by class name alone."""
-    load_plugins()
-    check_resume_classes(sys.argv[1:] if args is None else args)
-    return FillmaskCLI(
-        EncoderObjective,
-        L.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=args,
-        save_config_kwargs={"overwrite": True},
-    )
-
-
-def check_resume_classes(args: list[str]) -> None:
-    """With ``--ckpt_path FILE``, make sure the classes the checkpoint was trained with import
-    before the config is parsed, so a missing plugin is one line naming the distribution to
-    install, not a parser error about an unknown class."""
-    from fillmask.objectives.base import checkpoint_classes, read_checkpoint
-
-    for index, word in enumerate(args):
-        path = word.partition("=")[2] if word.startswith("--ckpt_path=") else None
-        if word == "--ckpt_path" and index + 1 < len(args):
-            path = args[index + 1]
-        if path and Path(path).is_file():
-            resolve_resume_path(path, None)  # a broken file: one line naming it
-            checkpoint_classes(read_checkpoint(path))
+from fillmask.errors import PREEMPTED_EXIT_CODE, FillmaskError
 
 
 def plugins_main(argv: list[str]) -> int:
+    from fillmask.registry import GROUPS, registry
+
     parser = argparse.ArgumentParser(prog="fillmask plugins", description=(
         "List the architectures, objectives and maskings that installed packages register "
         "(fillmask's own included), and plugins that failed to load."))
@@ -217,6 +115,11 @@ def score_main(argv: list[str]) -> int:
     inputs = None if args.pairs else Inputs.collect(args.inputs, args.file)
     if inputs is not None and not inputs.texts:
         parser.error("give at least one sentence, --file with one per line, or --pairs")
+    blank = next((i for i, text in enumerate(inputs.texts if inputs else []) if not text.strip()),
+                 None)
+    if blank is not None:
+        raise FillmaskError(f"{inputs.labels[blank]} is empty: there is no token to score; give "
+                            "a sentence of at least one word")
     model = FillMaskModel.load(args.checkpoint, check_device(args.device))
     options = {"whole_word": args.whole_word, "batch_size": args.batch_size, "as_json": args.json}
     if inputs is None:
@@ -283,22 +186,65 @@ def export_main(argv: list[str]) -> int:
 SUBCOMMANDS = {"fill": fill_main, "tokenizer": tokenizer_main, "plugins": plugins_main,
                "inspect": inspect_main, "finetune": finetune_main, "export": export_main,
                "score": score_main, "data": data_main}
-"""Commands of their own; every other first word goes to LightningCLI (fit, validate, ...)."""
+"""Commands of their own; the LightningCLI ones (fit, validate, ...) run in fillmask.fit."""
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+HELP = """usage: fillmask COMMAND [options]   (fillmask COMMAND --help for its options)
+
+Train fill-mask (masked-language-model) encoders with Lightning, and use them.
+
+training (LightningCLI: one YAML describes a run, --config FILE, --print_config):
+  fit        train: fillmask fit --config configs/quickstart.yaml
+  validate   validation metrics of a checkpoint (--ckpt_path)
+  test       test metrics of a checkpoint (--ckpt_path)
+  predict    run the model's predict step
+  finetune   fine-tune a pretrained encoder on labelled data (fit, validate, test)
+
+using a model (a checkpoint or a folder written by export):
+  fill       predict the tokens behind [MASK] in sentences
+  score      pseudo-log-likelihood, pseudo-perplexity, minimal pairs (BLiMP)
+  export     write a checkpoint as a transformers folder
+
+data and components:
+  data       prepare (tokenise, pack and cache) or shard a run's corpus
+  tokenizer  train a tokenizer on a corpus
+  inspect    show what a config's data and masking produce
+  plugins    list the installed architectures, objectives and maskings
+"""
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fillmask`` command; ``argv`` defaults to the command line."""
     words = sys.argv[1:] if argv is None else argv
-    command = SUBCOMMANDS.get(words[0]) if words else None
+    if not words or words[0] in ("-h", "--help", "help"):
+        print(HELP, end="")
+        return 0 if words else 2
+    command = SUBCOMMANDS.get(words[0])
+    if command is None and not (words[0] in LIGHTNING_COMMANDS or words[0].startswith("-")):
+        print(f"fillmask: error: unknown command {words[0]!r}; choose one of "
+              f"{', '.join([*LIGHTNING_COMMANDS, *SUBCOMMANDS])} (fillmask --help)",
+              file=sys.stderr)
+        return 2
     try:
         if command is not None:
             return command(words[1:])
+        from fillmask.fit import run_lightning
+
         run_lightning(argv)
     except FillmaskError as error:
         print(f"fillmask: error: {error}", file=sys.stderr)
         return 2
-    except SIGTERMException:
+    except BaseException as error:
+        if not _preempted(error):
+            raise
         print("fillmask: preempted (SIGTERM/SIGUSR1): checkpoint saved; run the same command "
               "with --ckpt_path last to continue", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
     return 0
+
+
+def _preempted(error: BaseException) -> bool:
+    """Whether ``error`` is Lightning's stop on SIGTERM (looked up only if Lightning ran)."""
+    exceptions = sys.modules.get("lightning.pytorch.utilities.exceptions")
+    return exceptions is not None and isinstance(error, exceptions.SIGTERMException)

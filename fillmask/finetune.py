@@ -12,17 +12,18 @@ from __future__ import annotations
 import sys
 import warnings
 
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser
 
 from fillmask.data.labelled import LabelledDataModule
 from fillmask.errors import FillmaskError
+from fillmask.fit import RunCLI
 from fillmask.objectives.base import EncoderObjective
 from fillmask.registry import load_plugins
 
 
-class FinetuneCLI(LightningCLI):
-    """LightningCLI with the label count linked into the model and the pretrained model's
-    tokenizer into the data."""
+class FinetuneCLI(RunCLI):
+    """The run CLI (one run folder, reliable checkpoints) with the label count linked into the
+    model and the pretrained model's tokenizer into the data."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.init_args.pretrained", "data.pretrained", apply_on="parse")

@@ -50,6 +50,24 @@ class MLMHead(nn.Module):
         return F.linear(x, self.decoder_weight, self.bias)  # (N, V)
 
 
+def mlm_head(encoder: nn.Module, tied: bool = True) -> MLMHead:
+    """The MLM head of ``encoder``: its token embedding as decoder (``tied``) or a matrix of its
+    own, the encoder's width in, the encoder's LayerNorm epsilon."""
+    return MLMHead(encoder.token_embedding(), tied=tied, hidden_size=encoder.hidden_size,
+                   eps=head_eps(encoder))
+
+
+class MaskedLMParts(nn.Module):
+    """An encoder and its MLM head under the names a masked-LM objective gives them
+    (``encoder.*``, ``head.*``): what filling masks and scoring need, built with torch alone
+    (no Lightning), from a checkpoint's state dict or a transformers folder."""
+
+    def __init__(self, encoder: nn.Module, tied: bool = True) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = mlm_head(encoder, tied)
+
+
 class PairHead(nn.Module):
     """Sentence-pair classifier on the CLS state: BERT's pooler (Linear -> tanh), then 2 logits.
 

@@ -2,7 +2,9 @@
 
 :class:`FillMaskModel` is what ``fillmask fill`` and ``fillmask score`` run on: the objective's
 encoder and MLM head, the tokenizer, and batched, padded forward passes that decode the
-positions asked for only.
+positions asked for only. Loading needs torch alone: the encoder and head are rebuilt from the
+checkpoint's metadata, without the objective's LightningModule (so without importing
+Lightning, which would triple the start-up time of a one-sentence ``fillmask fill``).
 """
 
 from __future__ import annotations
@@ -12,16 +14,18 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tokenizers import Encoding, Tokenizer
 
+from fillmask.checkpoint_file import CheckpointError, build_encoder, read_checkpoint, stored_weights
 from fillmask.data.tokenize import SpecialTokens, resolve_special_tokens
 from fillmask.errors import FillmaskError
-from fillmask.heads import MLMHead
-from fillmask.objectives.base import CheckpointError, EncoderObjective, load_objective
-from fillmask.objectives.mlm import MaskedLM
+from fillmask.heads import MaskedLMParts, MLMHead
+
+if TYPE_CHECKING:
+    from fillmask.objectives.base import EncoderObjective
 
 __all__ = ["CheckpointError", "FillMaskModel", "InputTooLongError", "Inputs", "check_device",
            "length_batches", "read_lines"]
@@ -80,7 +84,7 @@ class FillMaskModel:
     in memory, :meth:`from_objective`.
     """
 
-    model: MaskedLM
+    model: MaskedLMParts | EncoderObjective  # .encoder and .head (an MLMHead)
     tokenizer: Tokenizer
     special: SpecialTokens
 
@@ -98,22 +102,38 @@ class FillMaskModel:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str = "cpu") -> FillMaskModel:
-        """Rebuild the model and tokenizer stored in a fillmask checkpoint."""
-        model, tokenizer = load_objective(path)
-        return cls.from_objective(model, tokenizer, source=str(path), map_location=map_location)
+        """Rebuild the encoder, MLM head and tokenizer stored in a fillmask checkpoint."""
+        ckpt = read_checkpoint(path)
+        weights = stored_weights(ckpt, "encoder.", "head.")
+        if "head.bias" not in weights or "head.dense.weight" not in weights:
+            raise CheckpointError(f"{path} holds no masked-LM head to fill masks with (its "
+                                  f"objective {ckpt['fillmask'].get('objective')} has none)")
+        parts = MaskedLMParts(build_encoder(ckpt), tied="head.decoder" not in weights)
+        try:
+            parts.load_state_dict(weights)
+        except RuntimeError as error:
+            raise CheckpointError(f"{path}: its encoder and MLM head do not load ({error}); "
+                                  "was it written by another version of its architecture's "
+                                  "package?") from None
+        stored = ckpt["fillmask"].get("tokenizer")
+        tokenizer = Tokenizer.from_str(stored) if stored is not None else None
+        return cls.from_objective(parts, tokenizer, source=str(path), map_location=map_location)
 
     @classmethod
     def from_folder(cls, path: str | Path, map_location: str = "cpu") -> FillMaskModel:
         """Load a transformers ``...ForMaskedLM`` folder (``fillmask export`` writes them)."""
-        from fillmask.pretrained import load_pretrained
+        from fillmask.interop.hf import read_transformers
 
         path = Path(path).expanduser()
         _check_masked_lm_folder(path)
-        model, tokenizer = load_pretrained(path)
-        return cls.from_objective(model, tokenizer, source=str(path), map_location=map_location)
+        parts, tokenizer = read_transformers(path)
+        if tokenizer is None:
+            raise CheckpointError(f"{path} carries no tokenizer (tokenizer.json); fillmask needs "
+                                  "the tokenizer the model was trained with")
+        return cls.from_objective(parts, tokenizer, source=str(path), map_location=map_location)
 
     @classmethod
-    def from_objective(cls, model: EncoderObjective, tokenizer: Tokenizer | None,
+    def from_objective(cls, model: MaskedLMParts | EncoderObjective, tokenizer: Tokenizer | None,
                        source: str = "the model", map_location: str = "cpu") -> FillMaskModel:
         """Wrap an objective with an MLM head (``head``) and its tokenizer, in eval mode.
 

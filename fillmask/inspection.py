@@ -41,7 +41,7 @@ def datamodule_from_config(config: str, overrides: list[str]) -> MaskedLMDataMod
                 "data.tokenizer)")
         section = section.get("init_args") or {}
     load_plugins()  # registered maskings resolve by short name
-    import fillmask.cli  # noqa: F401  (and so do the data options)
+    import fillmask.fit  # noqa: F401  (and so do the data options)
 
     parser = LightningArgumentParser(exit_on_error=False)
     parser.add_class_arguments(MaskedLMDataModule, "data", fail_untyped=False, sub_configs=True)

@@ -104,12 +104,12 @@ def _load(group: str, entry: metadata.EntryPoint) -> tuple[Component | None, str
     return Component(group, entry.name, distribution, version, entry.value, cls), None
 
 
-def discover() -> Registry:
-    """Import every component of the installed distributions, sorted by group, name and
-    distribution; warn about (and skip) broken ones; refuse duplicate names."""
+def discover(groups: tuple[str, ...] = tuple(GROUPS)) -> Registry:
+    """Import every component of the installed distributions (of ``groups``), sorted by group,
+    name and distribution; warn about (and skip) broken ones; refuse duplicate names."""
     components: dict[str, dict[str, Component]] = {}
     failures: list[str] = []
-    for group in GROUPS:
+    for group in groups:
         entries = metadata.entry_points(group=f"fillmask.{group}")
         found: dict[str, Component] = {}
         for entry in sorted(entries, key=lambda e: (e.name, _origin(e)[0], e.value)):
@@ -136,6 +136,19 @@ def discover() -> Registry:
 def registry() -> Registry:
     """The installed components, discovered once per process."""
     return discover()
+
+
+def architectures() -> dict[str, Component]:
+    """The registered architectures by name, discovered without importing the objectives
+    (LightningModules): loading a model to fill masks or score needs torch alone."""
+    if registry.cache_info().currsize:  # everything is discovered already
+        return registry().group("architectures")
+    return _architectures()
+
+
+@functools.cache
+def _architectures() -> dict[str, Component]:
+    return discover(("architectures",)).group("architectures")
 
 
 def load_plugins() -> Registry:

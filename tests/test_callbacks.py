@@ -49,7 +49,7 @@ def test_throughput_and_summary_are_logged(small_corpus, tmp_path, caplog):
 
 
 def test_every_pretraining_run_monitors_throughput(tmp_path):
-    from fillmask.cli import monitor_throughput
+    from fillmask.fit import monitor_throughput
 
     trainer = L.Trainer(logger=False, enable_checkpointing=False, default_root_dir=tmp_path)
     monitor_throughput(trainer)

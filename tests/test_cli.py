@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("**/*.yaml"))
 
 
-def fillmask(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+def fillmask(*args: str, cwd: Path, check: bool = True, env: dict[str, str] | None = None
+             ) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, "-m", "fillmask", *args], cwd=cwd,
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=600,
+                            env=None if env is None else {**os.environ, **env})
     if check and result.returncode != 0:
         raise AssertionError(f"fillmask {' '.join(args)} failed:\n{result.stderr[-4000:]}")
     return result
@@ -137,3 +140,111 @@ def test_tokenizer_train_writes_a_usable_tokenizer(small_corpus, tmp_path, algor
     special = resolve_special_tokens(tok)
     assert tok.id_to_token(special.mask_id) == mask
     assert tok.get_vocab_size() <= 500
+
+
+# What a newcomer sees first.
+
+
+def test_progress_bar_and_model_summary_read_right_under_max_steps(quickstart_run):
+    output = (quickstart_run.parents[1] / "output.txt").read_text()
+    assert "Epoch 0" in output and "/-" not in output  # Lightning's bar said "Epoch 0/-2"
+    assert "Total params" in output
+    assert "FLOPs" not in output  # a column of zeros and "Total FLOPs: 0" without measurement
+
+
+def test_help_lists_the_commands_without_starting_lightning(tmp_path):
+    result = fillmask("--help", cwd=tmp_path)
+    for command in ("fit", "fill", "score", "export", "finetune", "tokenizer"):
+        assert f"  {command} " in result.stdout
+    probe = subprocess.run([sys.executable, "-c", (
+        "import sys; from fillmask.cli import main; main(['--help']); "
+        "print(sorted(m for m in ('lightning', 'torch', 'transformers') if m in sys.modules))")],
+        capture_output=True, text=True, check=True)
+    assert probe.stdout.strip().endswith("[]")
+    unknown = fillmask("fitt", cwd=tmp_path, check=False)
+    assert unknown.returncode == 2 and "unknown command 'fitt'" in unknown.stderr
+
+
+def test_fill_and_score_never_import_lightning(quickstart_run):
+    last = str(quickstart_run / "checkpoints" / "last.ckpt")
+    code = ("import sys; from fillmask.cli import main; "
+            f"main(['fill', '--checkpoint', {last!r}, 'The [MASK] statement.']); "
+            f"main(['score', '--checkpoint', {last!r}, 'The import statement.']); "
+            "print(sorted(m for m in ('lightning', 'torchmetrics', 'transformers', 'datasets') "
+            "if m in sys.modules))")
+    probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True)
+    assert probe.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_score_of_an_empty_input_is_one_clear_line(quickstart_run):
+    last = str(quickstart_run / "checkpoints" / "last.ckpt")
+    result = fillmask("score", "--checkpoint", last, "A sentence.", "", cwd=quickstart_run,
+                      check=False)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        "fillmask: error: input 2 is empty: there is no token to score; give a sentence of at "
+        "least one word"]
+
+
+@pytest.mark.parametrize(("override", "option", "reason"), [
+    (("--data.masking.init_args.rate", "-0.1"), "masking.init_args.rate", "must lie in [0, 1]"),
+    (("--model.init_args.encoder.init_args.num_heads", "3"), "encoder.init_args.",
+     "is not divisible by num_heads=3"),
+])
+def test_a_value_a_constructor_rejects_is_one_line_naming_the_option(tmp_path, override,
+                                                                      option, reason):
+    result = fillmask(*short_quickstart(2), *override, cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("fillmask:")]
+    assert len(errors) == 1 and option in errors[0] and reason in errors[0]
+    assert not (tmp_path / "runs").exists()  # refused before anything was written
+
+
+def test_a_second_run_in_the_same_folder_is_refused_and_nothing_is_lost(quickstart_run):
+    checkpoints = quickstart_run / "checkpoints"
+    before = {f.name: f.read_bytes() for f in checkpoints.glob("*.ckpt")}
+    result = fillmask(*short_quickstart(20), cwd=quickstart_run.parents[1], check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "already holds a run" in result.stderr and "--ckpt_path last" in result.stderr
+    assert {f.name: f.read_bytes() for f in checkpoints.glob("*.ckpt")} == before
+
+
+def test_one_option_moves_the_whole_run(tmp_path):
+    fillmask(*short_quickstart(12), "--trainer.default_root_dir", "elsewhere/run", cwd=tmp_path)
+    run = tmp_path / "elsewhere" / "run"
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run / "tensorboard" / "config.yaml").is_file()
+    assert not (tmp_path / "runs").exists()
+    # 12 steps is off the checkpoint schedule (every 500): the final state is saved anyway,
+    # as a step checkpoint and as last.ckpt.
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 12 and (run / "checkpoints" / "step12.ckpt").is_file()
+
+
+def logged_losses(run: Path) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars("train/loss")]
+
+
+def test_two_fresh_processes_train_the_same_quickstart_bit_for_bit(tmp_path):
+    """Each process builds the corpus and trains the WordPiece tokenizer itself (own cache)."""
+    runs = []
+    for name in ("first", "second"):
+        cwd = tmp_path / name
+        cwd.mkdir()
+        fillmask(*short_quickstart(8), "--trainer.log_every_n_steps", "1", cwd=cwd,
+                 env={"FILLMASK_CACHE": str(cwd / "cache")})
+        runs.append(cwd / "runs" / "quickstart")
+    first, second = (torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu",
+                                weights_only=False) for run in runs)
+    assert first["fillmask"]["tokenizer"] == second["fillmask"]["tokenizer"]
+    assert first["state_dict"].keys() == second["state_dict"].keys()
+    assert all(torch.equal(first["state_dict"][k], second["state_dict"][k])
+               for k in first["state_dict"])
+    losses = logged_losses(runs[0])
+    assert len(losses) == 8 and losses == logged_losses(runs[1])

@@ -11,7 +11,7 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
-from fillmask import cli
+from fillmask import cli, fit
 from fillmask.architectures.bert import BertEncoder
 from fillmask.data.datamodule import MaskedLMDataModule
 from fillmask.data.tokenize import TokenizerTraining
@@ -219,7 +219,7 @@ def test_bad_options_and_the_cli_prints_one_line(monkeypatch, capsys):
     def fail(args):
         raise error
 
-    monkeypatch.setattr(cli, "run_lightning", fail)
+    monkeypatch.setattr(fit, "run_lightning", fail)
     assert cli.main(["fit", "--config", "x.yaml"]) == 2
     printed = capsys.readouterr().err
     assert printed == "fillmask: error: step 3: non-finite loss; sample ids [1, 2]\n"

@@ -54,7 +54,10 @@ class TokenizerTraining:
     """Ignore merges and pieces seen fewer times than this."""
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        options = asdict(self)
+        if self.algorithm == "wordpiece":  # caches from before the canonical ids are retrained
+            options["ids"] = "canonical"
+        return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,8 @@ def train_tokenizer(texts: Iterable[str], options: TokenizerTraining) -> Tokeniz
 
     tok, trainer = _untrained(options)
     tok.train_from_iterator((p for text in texts for p in split_long_text(text)), trainer=trainer)
+    if options.algorithm == "wordpiece":
+        tok.model = canonical_wordpiece(tok)
     _, _, cls, sep, _ = _special_names(options.algorithm)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{cls} $A {sep}",
@@ -123,6 +128,23 @@ def train_tokenizer(texts: Iterable[str], options: TokenizerTraining) -> Tokeniz
         special_tokens=[(cls, tok.token_to_id(cls)), (sep, tok.token_to_id(sep))],
     )
     return tok
+
+
+def canonical_wordpiece(tok: Tokenizer) -> models.WordPiece:
+    """The trained WordPiece model of ``tok`` with its ids put in a canonical order: the
+    special tokens first, then every other piece by length and spelling.
+
+    The tokenizers library's WordPiece trainer finds the same pieces in every process but
+    numbers them in hash-map order (huggingface/tokenizers issue 1794), so two runs would give
+    two embedding layouts. WordPiece encodes by longest match, whatever the ids, so renumbering
+    changes nothing but the ids.
+    """
+    vocab = tok.get_vocab()
+    specials = _special_names("wordpiece")
+    rest = sorted((t for t in vocab if t not in specials),
+                  key=lambda t: (len(t.removeprefix("##")), t.startswith("##"), t))
+    order = [t for t in specials if t in vocab] + rest
+    return models.WordPiece({t: i for i, t in enumerate(order)}, unk_token="[UNK]")
 
 
 def load_tokenizer(path: str | Path) -> tuple[Tokenizer, dict[str, str]]:

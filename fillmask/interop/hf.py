@@ -14,7 +14,7 @@ from tokenizers import Tokenizer
 from fillmask.architectures.base import Encoder
 from fillmask.architectures.bert import BertEncoder
 from fillmask.errors import FillmaskError
-from fillmask.heads import MLMHead
+from fillmask.heads import MaskedLMParts, MLMHead
 
 if TYPE_CHECKING:
     from fillmask.objectives.mlm import MaskedLM
@@ -284,28 +284,27 @@ def load_head(head: MLMHead, weights: dict[str, torch.Tensor]) -> None:
 def architecture_for(model_type: str, source: str = "the folder") -> type[Encoder]:
     """The registered architecture whose ``transformers_model_types`` has ``model_type``
     (``source``, e.g. the config file, names where it was read in the error)."""
-    from fillmask.registry import registry
+    from fillmask.registry import architectures
 
-    for component in registry().group("architectures").values():
-        if model_type in getattr(component.cls, "transformers_model_types", ()):
-            return component.cls
-    known = sorted(t for c in registry().group("architectures").values()
-                   for t in getattr(c.cls, "transformers_model_types", ()))
+    classes = [component.cls for component in architectures().values()]
+    for cls in classes:
+        if model_type in getattr(cls, "transformers_model_types", ()):
+            return cls
+    known = sorted(t for cls in classes for t in getattr(cls, "transformers_model_types", ()))
     raise HFImportError(f"{source} has model_type {model_type!r}, which no installed "
                         f"architecture imports (known: {', '.join(known)}); install the plugin "
                         "that provides it")
 
 
-def import_transformers(folder: str | Path) -> tuple[MaskedLM, Tokenizer | None]:
+def read_transformers(folder: str | Path) -> tuple[MaskedLMParts, Tokenizer | None]:
     """Load a transformers folder (``config.json``, weights, optionally ``tokenizer.json``) as
-    a fillmask :class:`MaskedLM` and its tokenizer (``None`` when the folder has none).
+    a fillmask encoder with its MLM head, and its tokenizer (``None`` when the folder has none).
 
     The architecture comes from ``model_type`` (``bert`` built in; plugins add theirs, e.g.
     ``deberta-v2``, ``modernbert``). Weights map one to one (the inverse of the export); a
-    folder without an MLM head gets a freshly initialised one.
+    folder without an MLM head gets a freshly initialised one. Torch alone: no objective.
     """
     from fillmask.data.tokenize import load_tokenizer
-    from fillmask.objectives.mlm import MaskedLM
 
     folder = Path(folder).expanduser()
     config_file = folder / "config.json"
@@ -317,12 +316,23 @@ def import_transformers(folder: str | Path) -> tuple[MaskedLM, Tokenizer | None]
         encoder, head = cls.from_transformers(config, read_hf_weights(folder))
     except (ValueError, KeyError) as error:
         raise HFImportError(f"{folder} cannot be imported as {cls.__name__}: {error}") from error
-    model = MaskedLM(encoder, tie_embeddings=config.get("tie_word_embeddings", True))
+    parts = MaskedLMParts(encoder, tied=config.get("tie_word_embeddings", True))
     if head is not None:
-        load_head(model.head, head)
+        load_head(parts.head, head)
     tokenizer = None
     if (folder / "tokenizer.json").is_file():
         tokenizer, _ = load_tokenizer(str(folder))
+    return parts, tokenizer
+
+
+def import_transformers(folder: str | Path) -> tuple[MaskedLM, Tokenizer | None]:
+    """A transformers folder as a fillmask :class:`MaskedLM` (encoder and MLM head, see
+    :func:`read_transformers`) and its tokenizer, ready to train further or distil from."""
+    from fillmask.objectives.mlm import MaskedLM
+
+    parts, tokenizer = read_transformers(folder)
+    model = MaskedLM(parts.encoder, tie_embeddings=parts.head.decoder is None)
+    model.head.load_state_dict(parts.head.state_dict())
     return model, tokenizer
 
 

@@ -21,13 +21,15 @@ from lightning.pytorch.utilities import rank_zero_info
 from tokenizers import Tokenizer
 
 from fillmask.architectures.base import Encoder, count_real_tokens, encoder_inputs
+from fillmask.checkpoint_file import (  # noqa: F401  (CheckpointError: importers use this name)
+    CheckpointError,
+    encoder_class,
+    import_class,
+    read_checkpoint,
+)
 from fillmask.errors import FillmaskError
 
 Schedule = Literal["linear", "cosine", "constant", "wsd"]
-
-
-class CheckpointError(FillmaskError):
-    """A checkpoint fillmask cannot use, with its path and the reason."""
 
 
 class EncoderObjective(L.LightningModule):
@@ -322,49 +324,13 @@ def warmup_then_decay(warmup: int, total: int, schedule: Schedule, floor: float,
     return scale
 
 
-def import_class(path: str, origin: dict[str, str] | None = None) -> type:
-    """Import ``package.module.Class``; ``origin`` (``{"distribution", "version"}``, from a
-    checkpoint's provenance) names the package to install when the import fails."""
-    import importlib
-
-    module, _, name = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as error:
-        if origin and origin.get("distribution"):
-            dist, version = origin["distribution"], origin.get("version", "")
-            hint = (f"it comes from the distribution {dist} (version {version} wrote this "
-                    f"checkpoint): pip install {dist}")
-        else:
-            hint = "install the package that provides it"
-        raise CheckpointError(f"cannot import {path} ({error}); {hint}") from error
-
-
 def checkpoint_classes(ckpt: dict[str, Any]) -> tuple[type, type]:
     """The encoder and objective classes a checkpoint's metadata names, imported; a
     :class:`CheckpointError` names the distribution to install when one is missing."""
     info = ckpt["fillmask"]
-    origins = info.get("provenance", {})
-    encoder_cls = import_class(info["encoder"]["class_path"], origins.get("encoder"))
     objective = info.get("objective", "fillmask.objectives.mlm.MaskedLM")
-    return encoder_cls, import_class(objective, origins.get("objective"))
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a fillmask checkpoint's dictionary, with a clear error for a missing or bad file."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        # Memory-mapped: callers that want the metadata alone never read the weights.
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as error:
-        raise CheckpointError(f"checkpoint {path} cannot be read ({error}); it may be "
-                              "truncated: use an earlier checkpoint") from error
-    if not isinstance(ckpt, dict) or not ckpt.get("fillmask"):
-        raise CheckpointError(f"{path} is not a fillmask checkpoint (it was not written by "
-                              "`fillmask fit`)")
-    return ckpt
+    origin = info.get("provenance", {}).get("objective")
+    return encoder_class(ckpt), import_class(objective, origin)
 
 
 def load_objective(path: str | Path) -> tuple[EncoderObjective, Tokenizer | None]:

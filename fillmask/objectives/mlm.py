@@ -12,7 +12,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
 
 from fillmask.architectures.base import Encoder, encoder_inputs
-from fillmask.heads import MLMHead, PairHead, head_eps
+from fillmask.heads import PairHead, mlm_head
 from fillmask.masking.base import IGNORE_INDEX
 from fillmask.objectives.base import EncoderObjective, warmup_then_decay
 
@@ -54,8 +54,7 @@ class MaskedLM(EncoderObjective):
             **kwargs: Optimisation options of :class:`EncoderObjective` (learning_rate, ...).
         """
         super().__init__(encoder, **kwargs)
-        self.head = MLMHead(encoder.token_embedding(), tied=tie_embeddings,
-                            hidden_size=encoder.hidden_size, eps=head_eps(encoder))
+        self.head = mlm_head(encoder, tied=tie_embeddings)
         self.pair_head = PairHead(encoder.hidden_size) if pair_head else None
         self.val_loss = MeanMetric()
         self.val_accuracy = MulticlassAccuracy(

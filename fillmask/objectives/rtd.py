@@ -26,7 +26,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy, BinaryPrecision, BinaryRecall
 
 from fillmask.architectures.base import Encoder, encoder_inputs, real_tokens
-from fillmask.heads import MLMHead, head_eps
+from fillmask.heads import mlm_head
 from fillmask.masking.base import IGNORE_INDEX
 from fillmask.masking.random import derive_seed
 from fillmask.objectives.base import EncoderObjective
@@ -119,9 +119,7 @@ class ReplacedTokenDetection(EncoderObjective):
         self.generator = generator_from(encoder, generator_size_divisor, generator_layers,
                                         generator_overrides)
         self._share_embeddings(embedding_sharing)
-        self.generator_head = MLMHead(self.generator.token_embedding(),
-                                      hidden_size=self.generator.hidden_size,
-                                      eps=head_eps(self.generator))
+        self.generator_head = mlm_head(self.generator)
         self.discriminator_head = DiscriminatorHead(encoder.hidden_size)
         self.val_generator_loss = MeanMetric()
         self.val_discriminator_loss = MeanMetric()
