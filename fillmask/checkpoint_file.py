@@ -21,6 +21,14 @@ class CheckpointError(FillmaskError):
     """A checkpoint fillmask cannot use, with its path and the reason."""
 
 
+def missing_tokenizer(path: str | Path, looked_for: str = "") -> CheckpointError:
+    """The error for a model at ``path`` stored without its tokenizer (``looked_for``: the
+    file that is not there)."""
+    where = f" ({looked_for})" if looked_for else ""
+    return CheckpointError(f"{path} carries no tokenizer{where}; fillmask needs the tokenizer "
+                           "the model was trained with")
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a fillmask checkpoint's dictionary, with a clear error for a missing or bad file."""
     path = Path(path).expanduser()
@@ -60,6 +68,13 @@ def encoder_class(ckpt: dict[str, Any]) -> type:
     info = ckpt["fillmask"]
     origin = info.get("provenance", {}).get("encoder")
     return import_class(info["encoder"]["class_path"], origin)
+
+
+def objective_class(ckpt: dict[str, Any]) -> type:
+    """The objective class (the LightningModule) a checkpoint's metadata names, imported."""
+    info = ckpt["fillmask"]
+    origin = info.get("provenance", {}).get("objective")
+    return import_class(info.get("objective", "fillmask.objectives.mlm.MaskedLM"), origin)
 
 
 def build_encoder(ckpt: dict[str, Any]) -> torch.nn.Module:

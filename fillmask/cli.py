@@ -151,7 +151,7 @@ def tokenizer_main(argv: list[str]) -> int:
     options = TokenizerTraining(args.algorithm, args.vocab_size, not args.cased, args.min_frequency)
     corpus = load_corpus(args.corpus.split(",") if "," in args.corpus else args.corpus,
                          args.text_column)
-    tok = train_tokenizer((t for b in batched(corpus["train"]["text"]) for t in b), options)
+    tok = train_tokenizer(lambda: (t for b in batched(corpus["train"]["text"]) for t in b), options)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(output))

@@ -19,7 +19,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tokenizers import Encoding, Tokenizer
 
-from fillmask.checkpoint_file import CheckpointError, build_encoder, read_checkpoint, stored_weights
+from fillmask.checkpoint_file import (
+    CheckpointError,
+    build_encoder,
+    missing_tokenizer,
+    read_checkpoint,
+    stored_weights,
+)
 from fillmask.data.tokenize import SpecialTokens, resolve_special_tokens
 from fillmask.errors import FillmaskError
 from fillmask.heads import MaskedLMParts, MLMHead
@@ -128,8 +134,7 @@ class FillMaskModel:
         _check_masked_lm_folder(path)
         parts, tokenizer = read_transformers(path)
         if tokenizer is None:
-            raise CheckpointError(f"{path} carries no tokenizer (tokenizer.json); fillmask needs "
-                                  "the tokenizer the model was trained with")
+            raise missing_tokenizer(path, "tokenizer.json")
         return cls.from_objective(parts, tokenizer, source=str(path), map_location=map_location)
 
     @classmethod

@@ -26,11 +26,11 @@ def rejected_option(error: BaseException, config: dict[str, Any]) -> OptionError
     config as nested dicts), or ``None`` when no class of the config raised it."""
     original = _innermost(error)
     raised_by = _raising_classes(original)
+    text = str(original).strip()
+    message = text.splitlines()[0] if text else type(original).__name__
     for path, spec in _class_specs(config):
         if not any(_names(cls, spec["class_path"]) for cls in raised_by):
             continue
-        message = str(original).strip().splitlines()[0] if str(original).strip() else \
-            type(original).__name__
         argument = _named_argument(message, spec.get("init_args") or {})
         option = f"{path}.init_args.{argument}" if argument else path
         return OptionError(f"{option}: {message}")

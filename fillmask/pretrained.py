@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from fillmask.checkpoint_file import missing_tokenizer
 from fillmask.objectives.base import (
     CheckpointError,
     EncoderObjective,
@@ -33,8 +34,7 @@ def load_pretrained(source: str | Path) -> tuple[EncoderObjective, Tokenizer]:
         raise CheckpointError(f"pretrained model {path} does not exist; give a checkpoint "
                               "written by `fillmask fit` or a transformers model folder")
     if tokenizer is None:
-        raise CheckpointError(f"{path} carries no tokenizer (tokenizer.json); fillmask needs the "
-                              "tokenizer the model was trained with")
+        raise missing_tokenizer(path, "tokenizer.json" if path.is_dir() else "")
     return model, tokenizer
 
 
@@ -48,8 +48,7 @@ def pretrained_tokenizer(source: str | Path) -> Tokenizer:
         return load_tokenizer(str(path))[0]
     tokenizer = read_checkpoint(path)["fillmask"].get("tokenizer")
     if tokenizer is None:
-        raise CheckpointError(f"{path} carries no tokenizer; fillmask needs the tokenizer the "
-                              "model was trained with")
+        raise missing_tokenizer(path)
     return Tokenizer.from_str(tokenizer)
 
 

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from fillmask.data.corpus import CorpusError, load_corpus
 from fillmask.data.datamodule import MaskedLMDataModule
-from fillmask.data.tokenize import TokenizerError, TokenizerTraining
+from fillmask.data.tokenize import TokenizerError, TokenizerTraining, train_tokenizer
 from fillmask.masking.base import IGNORE_INDEX
 
 SMALL_TOKENIZER = TokenizerTraining(vocab_size=600)
@@ -83,6 +83,26 @@ def test_trained_tokenizer_is_cached(small_corpus, isolated_cache):
     second = datamodule(small_corpus)
     assert sorted((isolated_cache / "tokenizers").glob("*.json")) == files
     assert first.tokenizer.to_str() == second.tokenizer.to_str()
+
+
+TIED_MERGES = ["Wel come to the 🤗 Tok en izers libr ary.",
+               "token izers and words, lib rary of tokens", "a rare bird in the library"] * 3
+
+
+def test_wordpiece_training_is_the_same_every_time_merges_tie():
+    """The library's trainer alone gave 4 vocabularies in 40 trainings of this corpus."""
+    options = TokenizerTraining(vocab_size=90, min_frequency=1)
+    trained = {train_tokenizer(TIED_MERGES, options).to_str() for _ in range(30)}
+    assert len(trained) == 1
+    once = Tokenizer.from_str(trained.pop())
+    assert iter(TIED_MERGES) is not TIED_MERGES
+    assert once.to_str() == train_tokenizer(iter(TIED_MERGES), options).to_str()
+    assert once.to_str() == train_tokenizer(lambda: iter(TIED_MERGES), options).to_str()
+    # the continuation pieces numbered first are ordinary pieces, not tokens matched in text
+    assert "##a" in once.get_vocab()
+    assert once.encode("##a lib", add_special_tokens=False).tokens == ["[UNK]", "[UNK]", "a", "lib"]
+    assert [t["content"] for t in json.loads(once.to_str())["added_tokens"]] == [
+        "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def test_tokenizer_from_file_and_transformers_folder(small_corpus, tmp_path):

@@ -377,7 +377,9 @@ class MaskedLMDataModule(TokenizedData, L.LightningDataModule):
         file.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(file) + ".lock"):
             if not file.is_file():
-                stream = (t for split in texts for b in batched(split["text"]) for t in b)
+                def stream() -> Iterator[str]:
+                    return (t for split in texts for b in batched(split["text"]) for t in b)
+
                 tok = train_tokenizer(stream, self.tokenizer_training)
                 tmp = file.with_suffix(".tmp")
                 tok.save(str(tmp))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -55,8 +55,8 @@ class TokenizerTraining:
 
     def fingerprint(self) -> str:
         options = asdict(self)
-        if self.algorithm == "wordpiece":  # caches from before the canonical ids are retrained
-            options["ids"] = "canonical"
+        if self.algorithm == "wordpiece":  # caches from before the fixed piece order are retrained
+            options["ids"] = "canonical, pieces numbered before training"
         return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -81,8 +81,12 @@ def _special_names(algorithm: Algorithm) -> list[str]:
     return ["<pad>", "<unk>", "<s>", "</s>", "<mask>"]
 
 
-def _untrained(options: TokenizerTraining) -> tuple[Tokenizer, trainers.Trainer]:
-    specials = _special_names(options.algorithm)
+def _untrained(
+    options: TokenizerTraining, numbered_first: Sequence[str] = ()
+) -> tuple[Tokenizer, trainers.Trainer]:
+    """The tokenizer pipeline and its trainer; ``numbered_first`` pieces get ids right after
+    the special tokens (the trainer takes them as special tokens: see ``train_tokenizer``)."""
+    specials = _special_names(options.algorithm) + list(numbered_first)
     common = dict(vocab_size=options.vocab_size, special_tokens=specials, show_progress=False)
     lower = [normalizers.NFD(), normalizers.Lowercase(), normalizers.StripAccents()]
     if options.algorithm == "wordpiece":
@@ -109,18 +113,49 @@ def _untrained(options: TokenizerTraining) -> tuple[Tokenizer, trainers.Trainer]
     return tok, trainer
 
 
-def train_tokenizer(texts: Iterable[str], options: TokenizerTraining) -> Tokenizer:
-    """Train a tokenizer on ``texts`` and give it BERT-style ``CLS text SEP`` templates.
+Texts = Iterable[str] | Callable[[], Iterable[str]]
 
-    Very long texts are fed in pieces cut before spaces (the same words, a fraction of the
+
+def _passes(texts: Texts, reread: bool) -> Callable[[], Iterator[str]]:
+    """A way to read ``texts`` (more than once if ``reread``): a factory is called again, a
+    one-shot iterator is kept in a list, anything else (a list, a column) is iterated again.
+
+    Very long texts come in pieces cut before spaces (the same words, a fraction of the
     memory: one 8 MB document needed 0.5 GB in one piece).
     """
     from fillmask.data.packing import split_long_text  # packing imports this module
 
-    tok, trainer = _untrained(options)
-    tok.train_from_iterator((p for text in texts for p in split_long_text(text)), trainer=trainer)
-    if options.algorithm == "wordpiece":
-        tok.model = canonical_wordpiece(tok)
+    if reread and not callable(texts) and iter(texts) is texts:
+        texts = list(texts)
+    source = texts if callable(texts) else lambda: texts
+    return lambda: (piece for text in source() for piece in split_long_text(text))
+
+
+def continuation_pieces(texts: Iterable[str], options: TokenizerTraining) -> list[str]:
+    """The one-character continuation pieces (``##a``) a WordPiece training on ``texts`` makes,
+    in spelling order: one pass that counts words and makes no merges."""
+    probe, trainer = _untrained(replace(options, vocab_size=1))
+    probe.train_from_iterator(texts, trainer=trainer)
+    return sorted(t for t in probe.get_vocab() if t.startswith("##"))
+
+
+def train_tokenizer(texts: Texts, options: TokenizerTraining) -> Tokenizer:
+    """Train a tokenizer on ``texts`` and give it BERT-style ``CLS text SEP`` templates.
+
+    ``texts`` may be a factory of iterables: WordPiece reads the corpus twice. The library's
+    WordPiece trainer numbers continuation characters (``##a``) in hash-map order and breaks
+    ties between equally frequent merges by those numbers (huggingface/tokenizers issue 1794,
+    diagnosed in its pull request 2066), so 3 processes in 30 chose another last merge on the
+    quickstart corpus. Numbering them first, in spelling order, makes the merges the same in
+    every process; ``canonical_wordpiece`` then makes the ids the same.
+    """
+    wordpiece = options.algorithm == "wordpiece"
+    passes = _passes(texts, reread=wordpiece)
+    first = continuation_pieces(passes(), options) if wordpiece else []
+    tok, trainer = _untrained(options, numbered_first=first)
+    tok.train_from_iterator(passes(), trainer=trainer)
+    if wordpiece:
+        tok = _rebuilt(options, canonical_wordpiece(tok))
     _, _, cls, sep, _ = _special_names(options.algorithm)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{cls} $A {sep}",
@@ -130,14 +165,23 @@ def train_tokenizer(texts: Iterable[str], options: TokenizerTraining) -> Tokeniz
     return tok
 
 
+def _rebuilt(options: TokenizerTraining, model: models.Model) -> Tokenizer:
+    """A fresh pipeline around a trained ``model``, whose special tokens are only the five
+    roles (the pieces numbered first are ordinary pieces, not tokens matched in raw text)."""
+    tok, _ = _untrained(options)
+    tok.model = model
+    tok.add_special_tokens(_special_names(options.algorithm))
+    return tok
+
+
 def canonical_wordpiece(tok: Tokenizer) -> models.WordPiece:
     """The trained WordPiece model of ``tok`` with its ids put in a canonical order: the
     special tokens first, then every other piece by length and spelling.
 
-    The tokenizers library's WordPiece trainer finds the same pieces in every process but
-    numbers them in hash-map order (huggingface/tokenizers issue 1794), so two runs would give
-    two embedding layouts. WordPiece encodes by longest match, whatever the ids, so renumbering
-    changes nothing but the ids.
+    The tokenizers library's WordPiece trainer numbers pieces in hash-map order
+    (huggingface/tokenizers issue 1794), so two runs would give two embedding layouts.
+    WordPiece encodes by longest match, whatever the ids, so renumbering changes nothing but
+    the ids.
     """
     vocab = tok.get_vocab()
     specials = _special_names("wordpiece")

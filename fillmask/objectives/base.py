@@ -23,8 +23,10 @@ from tokenizers import Tokenizer
 from fillmask.architectures.base import Encoder, count_real_tokens, encoder_inputs
 from fillmask.checkpoint_file import (  # noqa: F401  (CheckpointError: importers use this name)
     CheckpointError,
+    build_encoder,
     encoder_class,
     import_class,
+    objective_class,
     read_checkpoint,
 )
 from fillmask.errors import FillmaskError
@@ -327,10 +329,7 @@ def warmup_then_decay(warmup: int, total: int, schedule: Schedule, floor: float,
 def checkpoint_classes(ckpt: dict[str, Any]) -> tuple[type, type]:
     """The encoder and objective classes a checkpoint's metadata names, imported; a
     :class:`CheckpointError` names the distribution to install when one is missing."""
-    info = ckpt["fillmask"]
-    objective = info.get("objective", "fillmask.objectives.mlm.MaskedLM")
-    origin = info.get("provenance", {}).get("objective")
-    return encoder_class(ckpt), import_class(objective, origin)
+    return encoder_class(ckpt), objective_class(ckpt)
 
 
 def load_objective(path: str | Path) -> tuple[EncoderObjective, Tokenizer | None]:
@@ -338,15 +337,15 @@ def load_objective(path: str | Path) -> tuple[EncoderObjective, Tokenizer | None
     import inspect
 
     ckpt = read_checkpoint(path)
-    info = ckpt["fillmask"]
-    encoder_cls, model_cls = checkpoint_classes(ckpt)
-    encoder: Encoder = encoder_cls(**info["encoder"]["init_args"])
+    encoder: Encoder = build_encoder(ckpt)
+    model_cls = objective_class(ckpt)
     parameters = inspect.signature(model_cls).parameters
     open_ended = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
     hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items()
                if k != "encoder" and not k.startswith("_") and (open_ended or k in parameters)}
     model = model_cls(encoder=encoder, **hparams)
     model.load_state_dict(ckpt["state_dict"])
+    info = ckpt["fillmask"]
     tokenizer = Tokenizer.from_str(info["tokenizer"]) if "tokenizer" in info else None
     return model, tokenizer
 
