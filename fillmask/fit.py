@@ -22,21 +22,11 @@ from fillmask.checkpointing import (
     refuse_rerun,
     resolve_resume_path,
 )
-from fillmask.data.datamodule import MaskedLMDataModule
-from fillmask.data.mixture import CorpusSource  # noqa: F401  (short names of data options)
-from fillmask.data.packing import (  # noqa: F401
-    ChunkPacking,
-    DocumentPacking,
-    LinePacking,
-    SentencePairs,
-)
-from fillmask.data.streaming import StreamingMaskedLMDataModule  # noqa: F401  (short name)
+from fillmask.data.config import DEFAULT_DATA  # and the data options' short names
 from fillmask.errors import FillmaskError
 from fillmask.objectives.base import EncoderObjective
 from fillmask.options import rejected_option
 from fillmask.registry import load_plugins
-
-DEFAULT_DATA = f"{MaskedLMDataModule.__module__}.{MaskedLMDataModule.__qualname__}"
 
 
 class RunCLI(LightningCLI):

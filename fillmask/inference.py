@@ -97,7 +97,7 @@ class FillMaskModel:
     @classmethod
     def load(cls, path: str | Path, map_location: str = "cpu") -> FillMaskModel:
         """A ``.ckpt`` written by ``fillmask fit``, or a folder written by ``fillmask export``
-        (or a transformers folder :func:`fillmask.pretrained.load_pretrained` imports)."""
+        (or any transformers folder an installed architecture imports)."""
         path = Path(path).expanduser()
         if path.is_dir():
             return cls.from_folder(path, map_location)
@@ -128,7 +128,7 @@ class FillMaskModel:
     @classmethod
     def from_folder(cls, path: str | Path, map_location: str = "cpu") -> FillMaskModel:
         """Load a transformers ``...ForMaskedLM`` folder (``fillmask export`` writes them)."""
-        from fillmask.interop.hf import read_transformers
+        from fillmask.sources import read_transformers
 
         path = Path(path).expanduser()
         _check_masked_lm_folder(path)

@@ -11,45 +11,17 @@ import argparse
 import json
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 import torch
-import yaml
-from lightning.pytorch.cli import LightningArgumentParser
 
+from fillmask.data.config import datamodule_from_config, parse_with_data_overrides
 from fillmask.data.datamodule import MaskedLMDataModule
 from fillmask.errors import FillmaskError
 from fillmask.masking.base import IGNORE_INDEX
-from fillmask.registry import load_plugins
 
 LEGEND = "{word} = [MASK] predicts `word`;  {word>other} = replaced by `other`;  {=word} = kept"
-
-
-def datamodule_from_config(config: str, overrides: list[str]) -> MaskedLMDataModule:
-    """Build only the data module of a run config (no model, no trainer)."""
-    path = Path(config)
-    if not path.is_file():
-        raise FillmaskError(f"config {config} does not exist; give the YAML you pass to fit")
-    section = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("data") or {}
-    if "class_path" in section:  # the subclass form LightningCLI saves with every run
-        if section["class_path"].rpartition(".")[2] != MaskedLMDataModule.__name__:
-            raise FillmaskError(
-                f"the data section of {config} is a {section['class_path']}, not a corpus; "
-                "give the config that reads the corpus (MaskedLMDataModule: data.corpus, "
-                "data.tokenizer)")
-        section = section.get("init_args") or {}
-    load_plugins()  # registered maskings resolve by short name
-    import fillmask.fit  # noqa: F401  (and so do the data options)
-
-    parser = LightningArgumentParser(exit_on_error=False)
-    parser.add_class_arguments(MaskedLMDataModule, "data", fail_untyped=False, sub_configs=True)
-    try:
-        parsed = parser.parse_args(["--data", json.dumps(section), *overrides])
-    except Exception as error:  # jsonargparse reports bad options as ArgumentError
-        raise FillmaskError(f"the data section of {config} is invalid: {error}") from error
-    return parser.instantiate_classes(parsed).data
 
 
 def batch_statistics(batch: dict[str, torch.Tensor], original: torch.Tensor, pad_id: int,
@@ -180,10 +152,8 @@ def inspect_main(argv: list[str]) -> int:
     parser.add_argument("--split", choices=["train", "validation"], default="train")
     parser.add_argument("--json", metavar="FILE", help="write one JSON object per sample to "
                         "FILE (- for standard output) instead of the text view")
-    args, overrides = parser.parse_known_args(argv)
-    bad = [o for o in overrides if o.startswith("--") and not o.startswith("--data.")]
-    if bad:
-        parser.error(f"unknown option {bad[0]}; inspect takes --data.* overrides only")
+    args, overrides = parse_with_data_overrides(parser, argv,
+                                                "inspect takes --data.* overrides only")
     try:
         dm = datamodule_from_config(args.config, overrides)
         if args.json and args.json != "-":

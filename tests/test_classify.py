@@ -23,7 +23,7 @@ from fillmask.finetune import finetune_main
 from fillmask.masking.base import IGNORE_INDEX
 from fillmask.objectives.base import load_objective
 from fillmask.objectives.classify import SequenceClassification, TokenClassification
-from fillmask.pretrained import load_pretrained
+from fillmask.objectives.pretrained import load_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 FILLER = ("the movie was a story about people in this old town and its plot felt "

@@ -86,6 +86,29 @@ def test_fill_input_longer_than_the_model_is_one_clear_line(quickstart_run):
     assert "Traceback" not in result.stderr
 
 
+def test_the_quickstart_model_leaves_fillmask_and_fills_masks_the_same(quickstart_run, tmp_path):
+    """The README's model, exported, in a process where fillmask cannot be imported."""
+    from fillmask.inference import FillMaskModel
+
+    last = quickstart_run / "checkpoints" / "last.ckpt"
+    out = fillmask("export", "--checkpoint", str(last), "--output", str(tmp_path / "hf"),
+                   cwd=tmp_path).stdout
+    assert "FillmaskForMaskedLM" in out and "trust_remote_code=True" in out
+    text = "The [MASK] statement exits a function."
+    jobs, results = tmp_path / "jobs.pt", tmp_path / "results.pt"
+    torch.save({"cases": [], "pipeline": [{"folder": str(tmp_path / "hf"), "text": text,
+                                           "top_k": 5}]}, jobs)
+    env = {"HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    side = subprocess.run([sys.executable, "-I", str(ROOT / "tests" / "transformers_side.py"),
+                           str(jobs), str(results)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert side.returncode == 0, side.stderr[-3000:]
+    theirs = torch.load(results, weights_only=False)["pipeline"][0]
+    ours = FillMaskModel.load(last).fill([text], top_k=5)[0][0]
+    assert theirs["ids"] == [c["token_id"] for c in ours]
+    assert theirs["model_max_length"] == 64 and theirs["mask"] == "[MASK]"
+
+
 def test_fit_again_with_ckpt_path_last_resumes(quickstart_run):
     fillmask(*short_quickstart(30), "--ckpt_path", "last", cwd=quickstart_run.parents[1])
     ckpt = torch.load(quickstart_run / "checkpoints" / "last.ckpt", map_location="cpu",

@@ -18,13 +18,8 @@ import pytest
 
 from fillmask.data.corpus import CorpusError, load_corpus, scan_utf8
 from fillmask.data.datamodule import MaskedLMDataModule
-from fillmask.data.packing import (
-    ChunkPacking,
-    DocumentPacking,
-    encode_with_word_starts,
-    split_long_text,
-)
-from fillmask.data.tokenize import TokenizerTraining, train_tokenizer
+from fillmask.data.packing import ChunkPacking, DocumentPacking, encode_with_word_starts
+from fillmask.data.tokenize import TokenizerTraining, split_long_text, train_tokenizer
 
 TOKENIZER = TokenizerTraining(vocab_size=400)
 

@@ -31,7 +31,7 @@ from fillmask.objectives.distill import (
     student_spec_from_teacher,
 )
 from fillmask.objectives.mlm import MaskedLM
-from fillmask.pretrained import load_pretrained
+from fillmask.objectives.pretrained import load_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
 TEACHER_VOCAB = 30522

@@ -96,7 +96,7 @@ def test_import_then_export_round_trips_a_transformers_folder_bitwise(hf_bert_fo
     assert all(torch.equal(original[k], again[k]) for k in shared)
 
 
-def test_existing_output_is_kept_and_unexportable_models_are_one_line(tmp_path):
+def test_existing_output_is_kept_and_bad_checkpoints_are_one_line(tmp_path):
     tokenizer = Tokenizer.from_file(str(TOKENIZER))
     checkpoint = save_checkpoint(tiny_model(tie=True), tokenizer, tmp_path / "m.ckpt")
     output = tmp_path / "hf"
@@ -110,11 +110,28 @@ def test_existing_output_is_kept_and_unexportable_models_are_one_line(tmp_path):
 
     pre_ln = MaskedLM(BertEncoder.preset("tiny", vocab_size=512, norm="pre"))
     pre_ckpt = save_checkpoint(pre_ln, tokenizer, tmp_path / "pre.ckpt")
-    result = subprocess.run([sys.executable, "-m", "fillmask", "export", "--checkpoint",
-                             str(pre_ckpt), "--output", str(tmp_path / "pre")],
+    broken = torch.load(pre_ckpt, weights_only=False)
+    broken["state_dict"]["encoder.blocks.0.ffn.up.weight"] = torch.zeros(3, 3)
+    torch.save(broken, tmp_path / "broken.ckpt")
+    command = [sys.executable, "-m", "fillmask", "export", "--checkpoint"]
+    result = subprocess.run([*command, str(tmp_path / "broken.ckpt"), "--output",
+                             str(tmp_path / "broken")], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2 and "weights do not match" in result.stderr
+    assert "encoder.blocks.0.ffn.up.weight has shape (3, 3)" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "broken").exists()
+    result = subprocess.run([*command, str(pre_ckpt), "--output", str(tmp_path / "pre")],
                             capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and "post-LN" in result.stderr
-    assert "Traceback" not in result.stderr and not (tmp_path / "pre").exists()
+    assert result.returncode == 0, result.stderr
+    assert "FillmaskForMaskedLM" in result.stdout and "trust_remote_code=True" in result.stdout
+
+
+def test_an_objective_without_a_deliverable_head_is_one_line():
+    from fillmask.interop.export import transformers_models
+    from fillmask.objectives.base import EncoderObjective
+
+    with pytest.raises(ExportError, match="EncoderObjective has no deliverable head"):
+        transformers_models(EncoderObjective(BertEncoder.preset("tiny", vocab_size=64)))
 
 
 @pytest.mark.parametrize("sharing", ["tied", "gdes"])
@@ -126,7 +143,8 @@ def test_electra_exports_discriminator_and_generator(tmp_path, sharing):
     tokenizer = Tokenizer.from_file(str(TOKENIZER))
     torch.manual_seed(0)
     encoder = BertEncoder.preset("tiny", vocab_size=512, hidden_size=64, embedding_size=32)
-    model = ReplacedTokenDetection(encoder, generator_size_divisor=2, embedding_sharing=sharing)
+    # generator hidden 16 < embeddings 32: factorised, which only ELECTRA's classes hold
+    model = ReplacedTokenDetection(encoder, generator_size_divisor=4, embedding_sharing=sharing)
     with torch.no_grad():  # trained-looking weights: GDES deltas, head biases
         for parameter in model.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.05)

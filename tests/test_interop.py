@@ -10,7 +10,7 @@ import transformers
 
 from fillmask.interop.hf import HFImportError, import_bert
 from fillmask.objectives.base import CheckpointError
-from fillmask.pretrained import load_pretrained
+from fillmask.objectives.pretrained import load_pretrained
 
 
 def test_imported_bert_for_masked_lm_matches_transformers(hf_bert_folder):

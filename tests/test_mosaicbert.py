@@ -13,7 +13,7 @@ from test_cli import ROOT, fillmask
 
 from fillmask.architectures import bert
 from fillmask.architectures.bert import BertEncoder, alibi_bias, alibi_slopes
-from fillmask.interop.hf import bert_config_dict
+from fillmask.architectures.bert_transformers import bert_config_dict
 
 VOCAB = 60
 
@@ -234,7 +234,8 @@ def test_unpadded_without_any_mask_equals_padded():
 # Export
 
 
-def test_export_refuses_alibi_and_glu_but_not_unpad():
+def test_native_bert_mapping_refuses_alibi_and_glu_but_not_unpad():
+    """No transformers BERT class has them: export carries them as remote code instead."""
     with pytest.raises(ValueError, match="ALiBi.*no transformers BertModel equivalent"):
         bert_config_dict(tiny(positions="alibi"))
     with pytest.raises(ValueError, match="ffn='glu'.*no transformers BertModel equivalent"):

@@ -260,7 +260,7 @@ def test_continued_pretraining_starts_from_a_transformers_folder(small_corpus, t
 def test_continued_pretraining_with_a_domain_tokenizer_maps_rows_by_token(small_corpus,
                                                                           hf_bert_folder):
     from fillmask.interop.hf import import_bert
-    from fillmask.pretrained import transfer_weights
+    from fillmask.objectives.pretrained import transfer_weights
 
     source, old = import_bert(hf_bert_folder)
     dm = data(small_corpus)  # a domain WordPiece trained on the corpus

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
-
-if TYPE_CHECKING:
-    from fillmask.interop.hf import TransformersModel
 
 
 class Encoder(nn.Module):
@@ -31,9 +28,16 @@ class Encoder(nn.Module):
     max_positions: int
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     """Named sizes for :meth:`preset`; every encoder has at least ``tiny`` (tests)."""
+    variants: ClassVar[dict[str, dict[str, Any]]] = {}
+    """Options that change what the encoder computes, each applied on top of ``tiny``: the
+    registry tests export (and import back) every one of them with every head."""
     EMBEDDING_ROLES: ClassVar[tuple[str, ...]] = ("tokens", "positions", "token_types")
+    transformers_mapping: ClassVar[str | None] = None
+    """The module (``"package.module"``) that maps this encoder to transformers and back,
+    beside the model; see :mod:`fillmask.architectures.transformers_format` for what it
+    defines. None: the encoder neither exports nor imports."""
     transformers_model_types: ClassVar[tuple[str, ...]] = ()
-    """The transformers ``model_type`` values :meth:`from_transformers` imports."""
+    """The transformers ``model_type`` values its mapping's ``from_transformers`` imports."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -104,22 +108,6 @@ class Encoder(nn.Module):
         these arguments differently override this.
         """
         return type(self)(**{**self.spec()["init_args"], **changes})
-
-    def to_transformers(self, head: nn.Module | None = None) -> TransformersModel:
-        """This encoder, with an MLM head (:class:`~fillmask.heads.MLMHead`) or without, as
-        the equivalent transformers model: its class name, ``config.json`` and weights.
-        ``fillmask export`` writes it; encoders without an equivalent raise ValueError."""
-        raise ValueError(f"{type(self).__name__} has no transformers equivalent to export to")
-
-    @classmethod
-    def from_transformers(cls, config: dict[str, Any], weights: dict[str, torch.Tensor]
-                          ) -> tuple[Encoder, dict[str, torch.Tensor] | None]:
-        """The inverse of :meth:`to_transformers`: an encoder with the weights of a transformers
-        model (``config``: its ``config.json``; ``weights``: its state dict), and the MLM head's
-        weights under :class:`~fillmask.heads.MLMHead` names (``dense.weight``, ``dense.bias``,
-        ``norm.weight``, ``norm.bias``, ``bias``, ``decoder``), or None without a head. Raise
-        ValueError for what the encoder cannot express."""
-        raise ValueError(f"{cls.__name__} imports no transformers models")
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs (forward + backward) per token at sequence length ``seq_len``.

@@ -13,16 +13,13 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fillmask.architectures.base import Encoder, normal_init, pairwise_mask, real_tokens
-
-if TYPE_CHECKING:
-    from fillmask.interop.hf import TransformersModel
 
 Norm = Literal["post", "pre"]
 PositionInit = Literal["normal", "sinusoidal"]
@@ -343,6 +340,20 @@ class BertEncoder(Encoder):
     """
 
     presets = PRESETS
+    variants = {
+        "bert": {},
+        "pre-ln": {"norm": "pre"},
+        "quickstart": {"norm": "pre", "embedding_norm": False},
+        "mosaicbert": {"norm": "pre", "positions": "alibi", "ffn": "glu", "unpad": True,
+                       "max_positions": 128},
+        "albert": {"embedding_size": 16, "share_layers": True, "activation": "gelu_tanh"},
+        "albert-gelu": {"embedding_size": 16, "share_layers": True},
+        "shared-unfactorised": {"share_layers": True},
+        "electra-small": {"embedding_size": 16},
+        "gelu-tanh": {"activation": "gelu_tanh"},
+        "no-bias-relu": {"bias": False, "activation": "relu", "norm": "pre"},
+        "sinusoidal-unpad": {"position_init": "sinusoidal", "unpad": True},
+    }
 
     def __init__(
         self,
@@ -450,20 +461,8 @@ class BertEncoder(Encoder):
             with torch.no_grad():
                 self.embeddings.positions.weight.copy_(table)
 
-
-    transformers_model_types = ("bert",)
-
-    def to_transformers(self, head: nn.Module | None = None) -> TransformersModel:
-        from fillmask.interop.hf import bert_to_transformers
-
-        return bert_to_transformers(self, head)
-
-    @classmethod
-    def from_transformers(cls, config: dict[str, Any], weights: dict[str, torch.Tensor]
-                          ) -> tuple[BertEncoder, dict[str, torch.Tensor] | None]:
-        from fillmask.interop.hf import bert_from_transformers
-
-        return bert_from_transformers(config, weights)
+    transformers_mapping = "fillmask.architectures.bert_transformers"
+    transformers_model_types = ("bert", "electra", "albert", "fillmask-bert")
 
     def flops_per_token(self, seq_len: int) -> float:
         """Matmul FLOPs per token (forward + backward): weights plus attention scores and mix.

@@ -167,8 +167,9 @@ class LabelledDataModule(L.LightningDataModule):
     # The tokenizer: given directly, the pretrained model's, or a file.
 
     def use_tokenizer(self, tokenizer: Tokenizer) -> None:
-        """Encode with ``tokenizer`` (e.g. the one :func:`~fillmask.pretrained.load_pretrained`
-        returns) instead of the ``tokenizer`` or ``pretrained`` argument."""
+        """Encode with ``tokenizer`` (e.g. the one
+        :func:`~fillmask.objectives.pretrained.load_pretrained` returns) instead of the
+        ``tokenizer`` or ``pretrained`` argument."""
         self._given_tokenizer = tokenizer
         self.__dict__.pop("_tokenizer_and_roles", None)
         self.__dict__.pop("_encoder_tokenizer", None)
@@ -186,7 +187,7 @@ class LabelledDataModule(L.LightningDataModule):
         if self.tokenizer_path or Path(source).expanduser().is_dir():
             tok, declared = load_tokenizer(source)
             return tok, resolve_special_tokens(tok, declared, source=str(source))
-        from fillmask.pretrained import pretrained_tokenizer
+        from fillmask.data.source_tokenizer import pretrained_tokenizer
 
         tok = pretrained_tokenizer(source)
         return tok, resolve_special_tokens(tok, source=str(source))

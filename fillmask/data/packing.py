@@ -26,12 +26,10 @@ import numpy as np
 import pyarrow.compute as pc
 from tokenizers import Tokenizer
 
-from fillmask.data.tokenize import SpecialTokens
+from fillmask.data.tokenize import LONG_TEXT, SpecialTokens, split_long_text
 
 PACKING_VERSION = "3"
 
-
-LONG_TEXT = 1 << 16  # characters: longer texts are encoded in pieces
 ENCODE_GROUP = 1 << 20  # characters encoded by one encode_batch call
 
 
@@ -58,22 +56,6 @@ def encode_with_word_starts(tokenizer: Tokenizer, texts: list[str], piece_size: 
     return [p[0] if len(p) == 1 else (np.concatenate([ids for ids, _ in p]),
                                       np.concatenate([starts for _, starts in p]))
             for p in parts]
-
-
-def split_long_text(text: str, size: int = LONG_TEXT) -> list[str]:
-    """Cut ``text`` just before spaces (U+0020) into pieces of at most ``size`` characters where
-    it has spaces (a stretch without any stays whole); each piece after the first starts with
-    the space, so whitespace-splitting pre-tokenizers see the same words."""
-    pieces, start = [], 0
-    while len(text) - start > size:
-        cut = text.rfind(" ", start + 1, start + size)
-        cut = cut if cut > 0 else text.find(" ", start + size)
-        if cut < 0:
-            break
-        pieces.append(text[start:cut])
-        start = cut
-    pieces.append(text[start:])
-    return pieces
 
 
 def _groups(sizes: list[int], limit: int) -> list[tuple[int, int]]:

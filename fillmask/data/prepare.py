@@ -27,6 +27,7 @@ import datasets
 import numpy as np
 import pyarrow.compute as pc
 
+from fillmask.data.config import datamodule_from_config, parse_with_data_overrides
 from fillmask.data.datamodule import MaskedLMDataModule
 from fillmask.data.streaming import (
     FORMAT,
@@ -223,13 +224,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def data_main(argv: list[str]) -> int:
     """``fillmask data prepare --config RUN.yaml --output DIR [--data.* overrides]``."""
-    from fillmask.inspection import datamodule_from_config  # imports the CLI's data options
-
-    parser = _parser()
-    args, overrides = parser.parse_known_args(argv)
-    bad = [o for o in overrides if o.startswith("--") and not o.startswith("--data.")]
-    if bad:
-        parser.error(f"unknown option {bad[0]}; prepare takes --data.* overrides besides its own")
+    args, overrides = parse_with_data_overrides(
+        _parser(), argv, "prepare takes --data.* overrides besides its own")
     try:
         data = datamodule_from_config(args.config, overrides)
         manifest = prepare_shards(data, args.output, args.shard_bytes, max(1, args.workers),

@@ -1,4 +1,5 @@
-"""Tokenizers: load a tokenizer.json or transformers folder, or train one; resolve special roles."""
+"""Tokenizers: load a tokenizer.json or transformers folder, or train one; resolve special
+roles; cut very long texts into pieces the tokenizer sees as the same words."""
 
 from __future__ import annotations
 
@@ -115,6 +116,24 @@ def _untrained(
 
 Texts = Iterable[str] | Callable[[], Iterable[str]]
 
+LONG_TEXT = 1 << 16  # characters: longer texts are tokenised in pieces
+
+
+def split_long_text(text: str, size: int = LONG_TEXT) -> list[str]:
+    """Cut ``text`` just before spaces (U+0020) into pieces of at most ``size`` characters where
+    it has spaces (a stretch without any stays whole); each piece after the first starts with
+    the space, so whitespace-splitting pre-tokenizers see the same words."""
+    pieces, start = [], 0
+    while len(text) - start > size:
+        cut = text.rfind(" ", start + 1, start + size)
+        cut = cut if cut > 0 else text.find(" ", start + size)
+        if cut < 0:
+            break
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
 
 def _passes(texts: Texts, reread: bool) -> Callable[[], Iterator[str]]:
     """A way to read ``texts`` (more than once if ``reread``): a factory is called again, a
@@ -123,8 +142,6 @@ def _passes(texts: Texts, reread: bool) -> Callable[[], Iterator[str]]:
     Very long texts come in pieces cut before spaces (the same words, a fraction of the
     memory: one 8 MB document needed 0.5 GB in one piece).
     """
-    from fillmask.data.packing import split_long_text  # packing imports this module
-
     if reread and not callable(texts) and iter(texts) is texts:
         texts = list(texts)
     source = texts if callable(texts) else lambda: texts

@@ -8,19 +8,29 @@ import argparse
 import json
 import shutil
 import tempfile
+from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from types import ModuleType
 
+import torch
 from tokenizers import Tokenizer
 
+from fillmask.architectures.base import Encoder
+from fillmask.architectures.transformers_format import TransformersModel, detached
 from fillmask.data.tokenize import resolve_special_tokens
 from fillmask.errors import FillmaskError
-from fillmask.heads import MLMHead
-from fillmask.interop.hf import TransformersModel
-from fillmask.objectives.base import CheckpointError, EncoderObjective, load_objective
+from fillmask.objectives.base import CheckpointError, Deliverable, EncoderObjective, load_objective
+from fillmask.sources import mapping_of
 
-if TYPE_CHECKING:
-    from fillmask.objectives.rtd import ReplacedTokenDetection
+REMOTE_CLASSES = {"base": "FillmaskModel", "mlm": "FillmaskForMaskedLM",
+                  "rtd": "FillmaskForPreTraining",
+                  "sequence": "FillmaskForSequenceClassification",
+                  "token": "FillmaskForTokenClassification"}
+AUTO_CLASSES = {"AutoModel": "FillmaskModel", "AutoModelForMaskedLM": "FillmaskForMaskedLM",
+                "AutoModelForPreTraining": "FillmaskForPreTraining",
+                "AutoModelForSequenceClassification": "FillmaskForSequenceClassification",
+                "AutoModelForTokenClassification": "FillmaskForTokenClassification"}
+REMOTE_FILES = ("configuration_fillmask.py", "modeling_fillmask.py")
 
 
 class ExportError(FillmaskError):
@@ -28,47 +38,121 @@ class ExportError(FillmaskError):
 
 
 def transformers_models(model: EncoderObjective) -> dict[str, TransformersModel]:
-    """The transformers equivalents of a trained objective, by subfolder ("" = the output
-    folder itself): the encoder with its MLM head when it has one (``...ForMaskedLM``), else the
-    bare encoder; an ELECTRA run gives ``discriminator`` and ``generator``."""
-    from fillmask.objectives.rtd import ReplacedTokenDetection
+    """The transformers equivalents of a trained objective's deliverables, by subfolder
+    ("" = the output folder itself): an MLM model as ``...ForMaskedLM``, a fine-tuned one as
+    ``...ForSequenceClassification`` / ``...ForTokenClassification``, an ELECTRA run as
+    ``discriminator`` (``...ForPreTraining``) and ``generator``."""
+    deliverables = model.deliverables()
+    if not deliverables:
+        raise ExportError(f"cannot export: {type(model).__name__} has no deliverable head (an "
+                          "MLM, replaced-token or classification head); define its "
+                          "deliverables() or export a checkpoint of such an objective")
+    return {name: transformers_model(d) for name, d in deliverables.items()}
 
+
+def transformers_model(deliverable: Deliverable) -> TransformersModel:
+    """The transformers class that computes ``deliverable`` where one exists, else fillmask's
+    remote-code model around the encoder (native base model or fillmask's own encoder)."""
+    mapping = _mapping(deliverable.encoder)
+    native = _native(mapping, deliverable)
+    if native is not None:
+        return native
+    spec, weights = backbone(mapping, deliverable.encoder)
+    return remote_model(spec, weights, deliverable)
+
+
+def _mapping(encoder: Encoder) -> ModuleType:
+    mapping = mapping_of(type(encoder))
+    if mapping is None:
+        raise ExportError(f"cannot export: {type(encoder).__name__} declares no transformers "
+                          "mapping (Encoder.transformers_mapping); see the plugin guide in "
+                          "the README")
+    return mapping
+
+
+def _native(mapping: ModuleType, d: Deliverable) -> TransformersModel | None:
+    """The mapping's transformers class for the deliverable, or None."""
     try:
-        if isinstance(model, ReplacedTokenDetection):
-            return rtd_models(model)
-        head = getattr(model, "head", None)
-        return {"": model.encoder.to_transformers(head if isinstance(head, MLMHead) else None)}
+        if d.kind == "mlm":
+            return mapping.to_transformers(d.encoder, d.head)
+        native_head = getattr(mapping, "native_head", None)
+        return None if native_head is None else native_head(d.encoder, d.kind, d.head)
+    except ValueError:
+        return None
+
+
+def backbone(mapping: ModuleType, encoder: Encoder
+             ) -> tuple[dict[str, object], dict[str, object]]:
+    """The encoder as remote code carries it: a transformers base model's config and weights,
+    else the mapping's ``remote_backbone``; ExportError when it has neither."""
+    try:
+        base = mapping.to_transformers(encoder, None)
+        return {**base.config, "architectures": [base.architecture]}, base.weights
     except ValueError as error:
-        raise ExportError(f"cannot export: {error}") from error
+        remote = getattr(mapping, "remote_backbone", None)
+        if remote is None:
+            raise ExportError(f"cannot export: {error}") from error
+        return remote(encoder)
 
 
-def rtd_models(model: ReplacedTokenDetection) -> dict[str, TransformersModel]:
-    """ELECTRA's classes for BERT encoders; other encoders export the discriminator as their
-    base model and the generator with its MLM head."""
-    from fillmask.architectures.bert import BertEncoder
-    from fillmask.interop.hf import electra_to_transformers
+def remote_model(spec: dict[str, object], weights: dict[str, object], d: Deliverable
+                 ) -> TransformersModel:
+    """fillmask's remote-code class for ``d.kind`` around the encoder ``spec`` describes."""
+    head = {k: v for k, v in d.head.state_dict().items() if not k.startswith("embedding.")}
+    tied = d.kind == "mlm" and d.head.decoder is None
+    if tied and not any(_same(d.head.decoder_weight, w) for w in weights.values()):
+        tied = False  # the backbone's table is not the decoder (a folded projection)
+        head["decoder"] = d.head.decoder_weight
+    config: dict[str, object] = {
+        "model_type": "fillmask", "backbone": spec, "auto_map": remote_auto_map(),
+        "tie_word_embeddings": tied,
+    }
+    if d.kind == "mlm":
+        config.update(head_norm_eps=d.head.norm.eps, head_width=d.head.dense.out_features)
+    if d.kind in ("sequence", "token"):
+        config.update(num_labels=d.head.classifier.out_features,
+                      classifier_dropout=d.head.dropout.p)
+    tensors = {**{f"backbone.{k}": v for k, v in weights.items()},
+               **{f"head.{k}": v for k, v in head.items()}}
+    return TransformersModel(REMOTE_CLASSES[d.kind], config, detached(tensors), remote_code())
 
-    if isinstance(model.encoder, BertEncoder):
-        return electra_to_transformers(model)
-    return {"discriminator": model.discriminator().to_transformers(None),
-            "generator": model.generator.to_transformers(model.generator_head)}
+
+def _same(a: torch.Tensor, b: object) -> bool:
+    return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a.detach(), b)
 
 
-def tokenizer_files(tokenizer: Tokenizer, max_length: int) -> dict[str, str]:
+def remote_auto_map() -> dict[str, str]:
+    return {"AutoConfig": "configuration_fillmask.FillmaskConfig",
+            **{auto: f"modeling_fillmask.{cls}" for auto, cls in AUTO_CLASSES.items()}}
+
+
+def remote_code() -> dict[str, str]:
+    """The remote-code files a folder ships (see :mod:`fillmask.interop.remote`)."""
+    package = resources.files("fillmask.interop.remote")
+    return {name: package.joinpath(name).read_text(encoding="utf-8") for name in REMOTE_FILES}
+
+
+def tokenizer_files(tokenizer: Tokenizer, max_length: int, token_types: bool = True
+                    ) -> dict[str, str]:
     """``tokenizer.json`` plus the configs that make transformers' ``AutoTokenizer`` load it
-    as a fast tokenizer with the special tokens fillmask trained with."""
+    as a fast tokenizer with the special tokens fillmask trained with, truncating and padding
+    on the right at ``max_length`` (the encoder's positions), and giving ``token_type_ids``
+    only to encoders with token types (``token_types``)."""
     special = resolve_special_tokens(tokenizer)
     roles = {"mask_token": special.mask_id, "pad_token": special.pad_id,
              "cls_token": special.cls_id, "sep_token": special.sep_id, "unk_token": special.unk_id}
     names = {role: tokenizer.id_to_token(i) for role, i in roles.items() if i is not None}
+    inputs = ["input_ids", "token_type_ids", "attention_mask"] if token_types else [
+        "input_ids", "attention_mask"]
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length,
-              "clean_up_tokenization_spaces": False, **names}
+              "padding_side": "right", "truncation_side": "right",
+              "model_input_names": inputs, "clean_up_tokenization_spaces": False, **names}
     return {"tokenizer.json": tokenizer.to_str(),
             "tokenizer_config.json": json.dumps(config, indent=2),
             "special_tokens_map.json": json.dumps(names, indent=2)}
 
 
-def write_folder(target: TransformersModel, tokenizer: Tokenizer | None, max_length: int,
+def write_folder(target: TransformersModel, tokenizer: Tokenizer | None, encoder: Encoder,
                  output: Path) -> None:
     """Write the folder into a temporary sibling, then move it into place: an interrupted
     export never leaves a half-written ``output``."""
@@ -77,14 +161,18 @@ def write_folder(target: TransformersModel, tokenizer: Tokenizer | None, max_len
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
     try:
-        config = {"architectures": [target.architecture], "torch_dtype": "float32",
-                  **target.config}
+        config = {"torch_dtype": "float32", **target.config,
+                  "architectures": [target.architecture]}
         (staging / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
         # safetensors refuses tensors that share memory (tied decoders): store copies.
         weights = {k: v.detach().to("cpu").contiguous().clone()
                    for k, v in target.weights.items()}
         save_file(weights, str(staging / "model.safetensors"), metadata={"format": "pt"})
-        for name, text in (tokenizer_files(tokenizer, max_length) if tokenizer else {}).items():
+        files = dict(target.code)
+        if tokenizer is not None:
+            token_types = "token_types" in encoder.embedding_tables()
+            files.update(tokenizer_files(tokenizer, encoder.max_positions, token_types))
+        for name, text in files.items():
             (staging / name).write_text(text, encoding="utf-8")
         if output.exists():
             shutil.rmtree(output)
@@ -107,14 +195,15 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, overwrite: boo
                           "or pass --overwrite to replace it")
     model, tokenizer = load_objective(checkpoint)
     targets = transformers_models(model)
+    encoder = model.encoder
     if list(targets) == [""]:
-        write_folder(targets[""], tokenizer, model.encoder.max_positions, output)
+        write_folder(targets[""], tokenizer, encoder, output)
         return targets
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
     try:
         for name, target in targets.items():
-            write_folder(target, tokenizer, model.encoder.max_positions, staging / name)
+            write_folder(target, tokenizer, encoder, staging / name)
         if output.exists():
             shutil.rmtree(output)
         staging.rename(output)
@@ -142,8 +231,9 @@ def export_main(argv: list[str]) -> int:
         parser.error(str(error))
     for name, target in targets.items():
         count = sum(t.numel() for t in target.weights.values())
+        remote = "; remote code: load with trust_remote_code=True" if target.code else ""
         print(f"wrote {Path(args.output) / name}: {target.architecture} ({count / 1e6:.1f}M "
-              f"parameters, model_type {target.config['model_type']})")
+              f"parameters, model_type {target.config['model_type']}{remote})")
     return 0
 
 

@@ -11,6 +11,7 @@ import math
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,8 +20,10 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from tokenizers import Tokenizer
+from torch import nn
 
 from fillmask.architectures.base import Encoder, count_real_tokens, encoder_inputs
+from fillmask.architectures.transformers_format import HeadKind
 from fillmask.checkpoint_file import (  # noqa: F401  (CheckpointError: importers use this name)
     CheckpointError,
     build_encoder,
@@ -32,6 +35,16 @@ from fillmask.checkpoint_file import (  # noqa: F401  (CheckpointError: importer
 from fillmask.errors import FillmaskError
 
 Schedule = Literal["linear", "cosine", "constant", "wsd"]
+
+
+@dataclass
+class Deliverable:
+    """A trained encoder and the head that leaves with it (``fillmask export``)."""
+
+    encoder: Encoder
+    kind: HeadKind
+    """``mlm``, ``rtd`` (replaced-token detection), ``sequence`` or ``token`` classification."""
+    head: nn.Module
 
 
 class EncoderObjective(L.LightningModule):
@@ -86,6 +99,12 @@ class EncoderObjective(L.LightningModule):
         self.save_hyperparameters(ignore=["encoder"])
         self.encoder = encoder
         self._step_tokens: torch.Tensor | int = 0  # real tokens since the last optimiser step
+
+    def deliverables(self) -> dict[str, Deliverable]:
+        """What this objective hands downstream, by export subfolder (``""``: the folder
+        itself): the trained encoder and the head users keep. Objectives whose heads leave
+        override it; this default has none, and ``fillmask export`` says so."""
+        return {}
 
     def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Hidden states (B, T, C) of a collated batch."""
@@ -344,10 +363,28 @@ def load_objective(path: str | Path) -> tuple[EncoderObjective, Tokenizer | None
     hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items()
                if k != "encoder" and not k.startswith("_") and (open_ended or k in parameters)}
     model = model_cls(encoder=encoder, **hparams)
+    check_state_dict(model, ckpt["state_dict"], path)
     model.load_state_dict(ckpt["state_dict"])
     info = ckpt["fillmask"]
     tokenizer = Tokenizer.from_str(info["tokenizer"]) if "tokenizer" in info else None
     return model, tokenizer
+
+
+def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """One line, instead of torch's list, when a checkpoint's weights do not fit the model its
+    own configuration builds (an edited file, or one written by another version)."""
+    ours = model.state_dict()
+    missing = sorted(set(ours) - set(state))
+    unexpected = sorted(set(state) - set(ours))
+    resized = [k for k in ours if k in state and tuple(ours[k].shape) != tuple(state[k].shape)]
+    if not (missing or unexpected or resized):
+        return
+    found = (f"{len(missing)} missing (e.g. {missing[0]})" if missing else
+             f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else
+             f"{resized[0]} has shape {tuple(state[resized[0]].shape)}, the configuration "
+             f"gives {tuple(ours[resized[0]].shape)}")
+    raise CheckpointError(f"{path}: its weights do not match the model its configuration "
+                          f"describes ({found}); use the checkpoint as fillmask fit wrote it")
 
 
 class MismatchError(FillmaskError, ValueError):

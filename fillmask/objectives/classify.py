@@ -12,9 +12,10 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from fillmask.architectures.base import Encoder
+from fillmask.architectures.transformers_format import HeadKind
 from fillmask.errors import FillmaskError
 from fillmask.masking.base import IGNORE_INDEX
-from fillmask.objectives.base import EncoderObjective
+from fillmask.objectives.base import Deliverable, EncoderObjective
 
 __all__ = ["ClassificationObjective", "SequenceClassification", "TokenClassification"]
 
@@ -27,7 +28,7 @@ def resolve_encoder(encoder: Encoder | None, pretrained: str | None) -> Encoder:
     if not pretrained:
         raise FillmaskError("give the model a pretrained model (model.init_args.pretrained: a "
                             "checkpoint or a transformers folder) or an encoder")
-    from fillmask.pretrained import load_pretrained
+    from fillmask.objectives.pretrained import load_pretrained
 
     objective, _ = load_pretrained(pretrained)
     return objective.encoder
@@ -67,6 +68,7 @@ class ClassificationObjective(EncoderObjective):
     """
 
     head_class: type[nn.Module]
+    head_kind: HeadKind
 
     def __init__(
         self,
@@ -104,6 +106,10 @@ class ClassificationObjective(EncoderObjective):
         self.val_accuracy = MulticlassAccuracy(num_labels, average="micro",
                                                ignore_index=IGNORE_INDEX)
         self.val_f1 = MulticlassF1Score(num_labels, average="macro", ignore_index=IGNORE_INDEX)
+
+    def deliverables(self) -> dict[str, Deliverable]:
+        """The fine-tuned encoder with its classifier."""
+        return {"": Deliverable(self.encoder, self.head_kind, self.head)}
 
     def logits_and_targets(self, batch: dict[str, torch.Tensor]
                            ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,6 +167,7 @@ class SequenceClassification(ClassificationObjective):
     """
 
     head_class = SequenceHead
+    head_kind = "sequence"
 
     def logits_and_targets(self, batch: dict[str, torch.Tensor]
                            ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,6 +183,7 @@ class TokenClassification(ClassificationObjective):
     """
 
     head_class = TokenHead
+    head_kind = "token"
 
     def logits_and_targets(self, batch: dict[str, torch.Tensor]
                            ) -> tuple[torch.Tensor, torch.Tensor]:

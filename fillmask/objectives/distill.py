@@ -7,11 +7,11 @@ at temperature T (times T squared, so its gradients keep their size as T changes
 + ``alpha_cos`` x (1 - cosine similarity) of the two models' last hidden states on real tokens.
 
 The teacher (a fillmask checkpoint or a transformers folder, see
-:func:`fillmask.pretrained.load_pretrained`) is loaded when the objective is built, never when a
-YAML is parsed. It is held outside the module tree: it is not in the state dict, the optimiser
-never sees it, Lightning cannot switch it to training mode, and it follows the student's device
-and dtype. By default the student starts from the teacher: its embeddings, the MLM head and
-every other layer (12 -> 6: layers 0, 2, 4, 7, 9, 11).
+:func:`fillmask.objectives.pretrained.load_pretrained`) is loaded when the objective is
+built, never when a YAML is parsed. It is held outside the module tree: it is not in the state
+dict, the optimiser never sees it, Lightning cannot switch it to training mode, and it
+follows the student's device and dtype. By default the student starts from the teacher: its
+embeddings, the MLM head and every other layer (12 -> 6: layers 0, 2, 4, 7, 9, 11).
 
 Checkpoints hold the student alone, recorded as a plain :class:`MaskedLM` (the distillation
 options are kept under ``checkpoint["fillmask"]["distillation"]``), so ``fillmask fill`` and
@@ -29,10 +29,11 @@ from torch import nn
 
 from fillmask.architectures.base import Encoder, real_tokens
 from fillmask.errors import FillmaskError
+from fillmask.heads import MaskedLMParts
 from fillmask.masking.base import IGNORE_INDEX
 from fillmask.objectives.base import CheckpointError, import_class
 from fillmask.objectives.mlm import MaskedLM
-from fillmask.pretrained import load_pretrained
+from fillmask.objectives.pretrained import load_pretrained
 
 __all__ = ["Distillation", "DistillationError", "copy_teacher_weights", "default_layer_map",
            "student_spec_from_teacher"]
@@ -193,6 +194,8 @@ def load_teacher(source: str) -> tuple[MaskedLM, Tokenizer]:
         teacher, tokenizer = load_pretrained(source)
     except CheckpointError as error:
         raise DistillationError(f"Distillation teacher {source!r}: {error}") from error
+    if isinstance(teacher, MaskedLMParts):  # a transformers folder
+        teacher = MaskedLM.from_parts(teacher)
     if not isinstance(teacher, MaskedLM):
         raise DistillationError(f"Distillation teacher {source!r} is a "
                                 f"{type(teacher).__name__}, not a masked-LM objective")

@@ -12,9 +12,9 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
 
 from fillmask.architectures.base import Encoder, encoder_inputs
-from fillmask.heads import PairHead, mlm_head
+from fillmask.heads import MaskedLMParts, PairHead, mlm_head
 from fillmask.masking.base import IGNORE_INDEX
-from fillmask.objectives.base import EncoderObjective, warmup_then_decay
+from fillmask.objectives.base import Deliverable, EncoderObjective, warmup_then_decay
 
 __all__ = ["MaskedLM", "warmup_then_decay"]
 
@@ -71,7 +71,7 @@ class MaskedLM(EncoderObjective):
 
     def initialise_from(self, source: str) -> None:
         """Copy a pretrained model's weights into this one (see ``init_from``)."""
-        from fillmask.pretrained import load_pretrained, transfer_weights
+        from fillmask.objectives.pretrained import load_pretrained, transfer_weights
 
         pretrained, old_tokenizer = load_pretrained(source)
         new_tokenizer = self._datamodule_tokenizer() or old_tokenizer
@@ -79,6 +79,18 @@ class MaskedLM(EncoderObjective):
         self._initialised = True
         rank_zero_info(f"initialised from {source}: {counts['copied']} token rows copied, "
                        f"{counts['composed']} composed from the old tokenizer's pieces")
+
+    @classmethod
+    def from_parts(cls, parts: MaskedLMParts) -> MaskedLM:
+        """A MaskedLM around an encoder and MLM head read without an objective (a
+        transformers folder, :func:`fillmask.sources.read_transformers`)."""
+        model = cls(parts.encoder, tie_embeddings=parts.head.decoder is None)
+        model.head.load_state_dict(parts.head.state_dict())
+        return model
+
+    def deliverables(self) -> dict[str, Deliverable]:
+        """The encoder with its MLM head (a pair or span-boundary head stays behind)."""
+        return {"": Deliverable(self.encoder, "mlm", self.head)}
 
     # The loss.
 

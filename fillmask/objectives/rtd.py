@@ -29,7 +29,7 @@ from fillmask.architectures.base import Encoder, encoder_inputs, real_tokens
 from fillmask.heads import mlm_head
 from fillmask.masking.base import IGNORE_INDEX
 from fillmask.masking.random import derive_seed
-from fillmask.objectives.base import EncoderObjective
+from fillmask.objectives.base import Deliverable, EncoderObjective
 
 Sharing = Literal["tied", "gdes", "none"]
 
@@ -237,6 +237,12 @@ class ReplacedTokenDetection(EncoderObjective):
                        self.val_generator_accuracy, self.val_accuracy, self.val_precision,
                        self.val_recall):
             metric.reset()
+
+    def deliverables(self) -> dict[str, Deliverable]:
+        """The discriminator with its replaced-token head (GDES deltas merged) and the
+        generator with its MLM head."""
+        return {"discriminator": Deliverable(self.discriminator(), "rtd", self.discriminator_head),
+                "generator": Deliverable(self.generator, "mlm", self.generator_head)}
 
     def discriminator(self) -> Encoder:
         """A standalone copy of the discriminator, its token embedding materialised under GDES

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +22,6 @@ from torch import nn
 
 from fillmask.architectures.base import Encoder, normal_init, pairwise_mask
 from fillmask.architectures.bert import ACTIVATIONS, FeedForward
-
-if TYPE_CHECKING:
-    from fillmask.interop.hf import TransformersModel
 
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
@@ -234,6 +230,9 @@ class DebertaEncoder(Encoder):
     """The DeBERTa-v2/v3 encoder (He et al., 2021); defaults are DeBERTa-v3-base."""
 
     presets = PRESETS
+    variants = {"deberta-v3": {}, "factorised-c2p": {"embedding_size": 16,
+                                                     "pos_att_type": ("c2p",)}}
+    transformers_mapping = "fillmask_deberta.hf"  # config and weights both ways
     transformers_model_types = ("deberta-v2",)
 
     def __init__(
@@ -327,22 +326,6 @@ class DebertaEncoder(Encoder):
                               else None)
         self.apply(functools.partial(normal_init, std=initializer_range))
 
-
-    def to_transformers(self, head: nn.Module | None = None) -> TransformersModel:
-        """``DebertaV2Model``, or ``DebertaV2ForMaskedLM`` with an MLM head, for
-        ``fillmask export`` (see :func:`fillmask_deberta.hf.to_transformers`)."""
-        from fillmask_deberta.hf import to_transformers
-
-        return to_transformers(self, head)
-
-    @classmethod
-    def from_transformers(cls, config: dict[str, Any], weights: dict[str, torch.Tensor]
-                          ) -> tuple[DebertaEncoder, dict[str, torch.Tensor] | None]:
-        """A transformers DeBERTa-v2/v3 model (see
-        :func:`fillmask_deberta.hf.from_transformers`)."""
-        from fillmask_deberta.hf import from_transformers
-
-        return from_transformers(config, weights)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Matmul FLOPs per token (forward + backward): weights plus attention.

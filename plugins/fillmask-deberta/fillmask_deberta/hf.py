@@ -15,8 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from fillmask.architectures.transformers_format import (
+    TransformersModel,
+    check_head_activation,
+    mlm_head_weights,
+)
 from fillmask.heads import MLMHead
-from fillmask.interop.hf import TransformersModel, check_head_activation, mlm_head_weights
 from fillmask_deberta.encoder import DebertaEncoder
 
 # Module names: ours -> transformers'. Per-layer names sit below blocks.{i} / encoder.layer.{i}.
@@ -256,3 +260,23 @@ def from_transformers(config: dict[str, Any], weights: dict[str, torch.Tensor]
     if head is not None:
         check_head_activation(config.get("hidden_act", "gelu"))
     return encoder, head
+
+
+def native_head(encoder: DebertaEncoder, kind: str, head: nn.Module) -> TransformersModel | None:
+    """``DebertaV2ForSequenceClassification`` (its context pooler with a tanh activation is
+    fillmask's Linear -> tanh pooler on the first token) or ``DebertaV2ForTokenClassification``
+    for fine-tuned heads; None for others (fillmask's remote code carries them)."""
+    if kind not in ("sequence", "token"):
+        return None
+    config = hf_config(encoder)
+    weights = state_dict_to_hf(encoder, prefix="deberta.")
+    weights["classifier.weight"] = head.classifier.weight.detach()
+    weights["classifier.bias"] = head.classifier.bias.detach()
+    config.update(num_labels=head.classifier.out_features, cls_dropout=head.dropout.p)
+    if kind == "token":
+        return TransformersModel("DebertaV2ForTokenClassification", config, weights)
+    weights["pooler.dense.weight"] = head.pooler.weight.detach()
+    weights["pooler.dense.bias"] = head.pooler.bias.detach()
+    config.update(pooler_hidden_size=encoder.hidden_size, pooler_hidden_act="tanh",
+                  pooler_dropout=head.dropout.p)
+    return TransformersModel("DebertaV2ForSequenceClassification", config, weights)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +20,6 @@ from torch import nn
 
 from fillmask.architectures.base import Encoder
 from fillmask.architectures.bert import ACTIVATIONS as BERT_ACTIVATIONS
-
-if TYPE_CHECKING:
-    from fillmask.interop.hf import TransformersModel
 
 try:  # optional: the varlen kernel runs unpadded attention without re-padding
     from flash_attn import flash_attn_varlen_func
@@ -267,6 +264,8 @@ class ModernBertEncoder(Encoder):
     """The ModernBERT encoder; its defaults are ModernBERT-base."""
 
     presets = PRESETS
+    variants = {"modernbert": {}, "all-global": {"global_every": 1}}
+    transformers_mapping = "fillmask_modernbert.hf"  # config and weights both ways
     transformers_model_types = ("modernbert",)
 
     def __init__(
@@ -363,22 +362,6 @@ class ModernBertEncoder(Encoder):
                 continue  # norms keep weight 1
             sigma = out_std if name.endswith(("attention.out.weight", "mlp.wo.weight")) else std
             nn.init.trunc_normal_(param, std=sigma, a=-cutoff * sigma, b=cutoff * sigma)
-
-    def to_transformers(self, head: nn.Module | None = None) -> TransformersModel:
-        """``ModernBertModel``, or ``ModernBertForMaskedLM`` with an MLM head, for
-        ``fillmask export`` (see :func:`fillmask_modernbert.hf.to_transformers`)."""
-        from fillmask_modernbert.hf import to_transformers
-
-        return to_transformers(self, head)
-
-    @classmethod
-    def from_transformers(cls, config: dict[str, Any], weights: dict[str, torch.Tensor]
-                          ) -> tuple[ModernBertEncoder, dict[str, torch.Tensor] | None]:
-        """A transformers ModernBERT model (see
-        :func:`fillmask_modernbert.hf.from_transformers`)."""
-        from fillmask_modernbert.hf import from_transformers
-
-        return from_transformers(config, weights)
 
     def layer_kinds(self) -> list[str]:
         """``global`` or ``local`` for each block."""

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fillmask.architectures.transformers_format import TransformersModel, mlm_head_weights
 from fillmask.heads import MLMHead
-from fillmask.interop.hf import TransformersModel, mlm_head_weights
 from fillmask_modernbert.encoder import ModernBertEncoder
 
 # Our state-dict names -> transformers' (inside ``layers.i.`` for the block entries).
@@ -60,10 +60,6 @@ def hf_config(encoder: ModernBertEncoder, token_ids: Mapping[str, int] | None = 
     so transformers 4.44 and later read the same model.
     """
     args = encoder.spec()["init_args"]
-    if encoder.embedding_size != encoder.hidden_size:
-        raise ValueError(f"embedding_size={encoder.embedding_size} differs from hidden_size="
-                         f"{encoder.hidden_size}; transformers' ModernBERT has no factorised "
-                         "embedding, so this encoder cannot be exported")
     unknown = sorted(set(token_ids or {}) - set(TOKEN_ID_KEYS))
     if unknown:
         raise ValueError(f"token_ids has unknown keys {unknown}; use {list(TOKEN_ID_KEYS)}")
@@ -130,10 +126,13 @@ def state_dict_to_hf(encoder: ModernBertEncoder, prefix: str = "", norm_bias: bo
     (ELECTRA's gradient-disentangled sharing) is written as the table it reads. With
     ``norm_bias`` every norm also gets a zero bias (for a config with ``norm_bias: true``)."""
     hf_config(encoder)  # refuses what transformers cannot hold
-    out = {f"{prefix}{TOP_LEVEL['embeddings.tokens.weight']}":
-           encoder.embedding_tables()["tokens"].weight.detach().clone()}
+    tokens = encoder.embedding_tables()["tokens"].weight.detach()
+    project = encoder.embeddings.project
+    if isinstance(project, nn.Linear):  # factorised: the bias-free projection folds in
+        tokens = tokens @ project.weight.detach().T  # (V, C)
+    out = {f"{prefix}{TOP_LEVEL['embeddings.tokens.weight']}": tokens.clone()}
     for name, tensor in encoder.state_dict().items():
-        if name.startswith("embeddings.tokens."):
+        if name.startswith(("embeddings.tokens.", "embeddings.project.")):
             continue
         out[f"{prefix}{hf_name(name)}"] = tensor.detach().clone()
         if norm_bias and name.endswith("norm.weight"):
@@ -148,6 +147,9 @@ def to_transformers(encoder: ModernBertEncoder, head: nn.Module | None = None
     config = hf_config(encoder)
     if head is None:
         return TransformersModel("ModernBertModel", config, state_dict_to_hf(encoder))
+    if encoder.embedding_size != encoder.hidden_size:
+        raise ValueError(f"embedding_size={encoder.embedding_size}: ModernBertForMaskedLM's "
+                         "decoder is as wide as the hidden states")
     check_exportable_head(encoder, head)
     config.update(norm_bias=True, classifier_bias=True, classifier_activation="gelu",
                   decoder_bias=True, tie_word_embeddings=head.decoder is None,

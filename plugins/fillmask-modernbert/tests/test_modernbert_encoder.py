@@ -9,7 +9,9 @@ import pytest
 import torch
 import transformers
 from fillmask_modernbert import ModernBertEncoder
-from fillmask_modernbert.hf import encoder_from_hf, hf_config, state_dict_to_hf
+from fillmask_modernbert.hf import encoder_from_hf, hf_config, state_dict_to_hf, to_transformers
+
+from fillmask.heads import mlm_head
 
 VOCAB = 101
 T = 24  # longer than the local window below, so the window matters
@@ -110,8 +112,12 @@ def test_masked_lm_prefix_and_clear_errors():
     biased = {**weights, "model.final_norm.bias": torch.ones(32)}
     with pytest.raises(ValueError, match="final_norm.bias is not zero"):
         encoder_from_hf(config.to_dict(), biased, prefix="model.")
-    with pytest.raises(ValueError, match="embedding_size"):
-        hf_config(tiny(embedding_size=16))
+    factorised = tiny(embedding_size=16)  # the bias-free projection folds into the table
+    table = to_transformers(factorised).weights["embeddings.tok_embeddings.weight"]
+    projected = factorised.embeddings.project(factorised.embeddings.tokens.weight)
+    torch.testing.assert_close(table, projected.detach())
+    with pytest.raises(ValueError, match="embedding_size=16"):  # the decoder is 16 wide
+        to_transformers(factorised, mlm_head(factorised))
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
@@ -122,7 +128,7 @@ def test_export_with_mlm_head_matches_modernbert_for_masked_lm(tied):
     head = MLMHead(encoder.token_embedding(), tied=tied, eps=1e-5, hidden_size=32)
     torch.nn.init.normal_(head.bias)
     torch.nn.init.normal_(head.norm.bias)
-    exported = encoder.to_transformers(head)
+    exported = to_transformers(encoder, head)
     assert exported.architecture == "ModernBertForMaskedLM"
     config = transformers.ModernBertConfig(**exported.config, attn_implementation="sdpa")
     reference = transformers.ModernBertForMaskedLM(config).eval()
@@ -134,10 +140,10 @@ def test_export_with_mlm_head_matches_modernbert_for_masked_lm(tied):
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     back = encoder_from_hf(exported.config, exported.weights, prefix="model.")
     assert all(torch.equal(v, encoder.state_dict()[k]) for k, v in back.state_dict().items())
-    bare = encoder.to_transformers()
+    bare = to_transformers(encoder)
     assert bare.architecture == "ModernBertModel" and "decoder.weight" not in bare.weights
     with pytest.raises(ValueError, match="eps"):
-        encoder.to_transformers(MLMHead(encoder.token_embedding()))  # fillmask's 1e-12
+        to_transformers(encoder, MLMHead(encoder.token_embedding()))  # fillmask's 1e-12
 
 
 def loss_and_grads(encoder: ModernBertEncoder, batch: dict[str, torch.Tensor]):

@@ -1,6 +1,9 @@
 """Start from a trained model: a fillmask checkpoint or a transformers folder.
 
-Distillation teachers, fine-tuning and continued pretraining all begin here.
+Distillation teachers, fine-tuning and continued pretraining all begin here. A checkpoint
+gives back its objective; a transformers folder gives its encoder and MLM head
+(:class:`~fillmask.heads.MaskedLMParts`, the same ``encoder.*`` / ``head.*`` names), read by
+:mod:`fillmask.sources`: objectives never reach up to interop.
 """
 
 from __future__ import annotations
@@ -11,23 +14,19 @@ import torch
 from tokenizers import Tokenizer
 
 from fillmask.checkpoint_file import missing_tokenizer
-from fillmask.objectives.base import (
-    CheckpointError,
-    EncoderObjective,
-    load_objective,
-    read_checkpoint,
-)
+from fillmask.heads import MaskedLMParts
+from fillmask.objectives.base import CheckpointError, EncoderObjective, load_objective
+from fillmask.sources import read_transformers
 
 
-def load_pretrained(source: str | Path) -> tuple[EncoderObjective, Tokenizer]:
-    """The objective (encoder + heads, trained weights) and tokenizer stored at ``source``:
-    a ``.ckpt`` written by ``fillmask fit``, or a transformers folder (``config.json``,
-    weights, ``tokenizer.json``)."""
+def load_pretrained(source: str | Path
+                    ) -> tuple[EncoderObjective | MaskedLMParts, Tokenizer]:
+    """The model (encoder + heads, trained weights) and tokenizer stored at ``source``: the
+    objective of a ``.ckpt`` written by ``fillmask fit``, or the encoder and MLM head of a
+    transformers folder (``config.json``, weights, ``tokenizer.json``)."""
     path = Path(source).expanduser()
     if path.is_dir():
-        from fillmask.interop.hf import import_transformers
-
-        model, tokenizer = import_transformers(path)
+        model, tokenizer = read_transformers(path)
     elif path.is_file():
         model, tokenizer = load_objective(path)
     else:
@@ -38,21 +37,7 @@ def load_pretrained(source: str | Path) -> tuple[EncoderObjective, Tokenizer]:
     return model, tokenizer
 
 
-def pretrained_tokenizer(source: str | Path) -> Tokenizer:
-    """The tokenizer of a pretrained model, without building the model: a checkpoint's stored
-    tokenizer (its weights stay unread) or a transformers folder's tokenizer.json."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        from fillmask.data.tokenize import load_tokenizer
-
-        return load_tokenizer(str(path))[0]
-    tokenizer = read_checkpoint(path)["fillmask"].get("tokenizer")
-    if tokenizer is None:
-        raise missing_tokenizer(path)
-    return Tokenizer.from_str(tokenizer)
-
-
-def transfer_weights(target: EncoderObjective, source: EncoderObjective,
+def transfer_weights(target: EncoderObjective, source: EncoderObjective | MaskedLMParts,
                      target_tokenizer: Tokenizer, source_tokenizer: Tokenizer) -> dict[str, int]:
     """Initialise ``target`` from ``source`` for continued pretraining (BioBERT, SciBERT).
 
