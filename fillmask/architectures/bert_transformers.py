@@ -274,6 +274,21 @@ def encoder_from_hf_config(config: dict[str, Any], share_layers: bool = False) -
     )
 
 
+def copy_into(targets: dict[str, torch.Tensor], weights: dict[str, torch.Tensor],
+              family: str) -> None:
+    """Copy ``weights`` into the live ``targets`` by transformers name; every target must be
+    there except the token-type table (models without segments keep theirs)."""
+    missing = [k for k in targets if k not in weights
+               and not k.endswith("token_type_embeddings.weight")]
+    if missing:
+        raise ValueError(f"the weights lack {missing[0]} (and {len(missing) - 1} more); is it "
+                         f"{family} checkpoint?")
+    with torch.no_grad():
+        for name, target in targets.items():
+            if name in weights:
+                target.copy_(weights[name])
+
+
 ELECTRA_HEAD_NAMES = {"dense.weight": "generator_predictions.dense.weight",
                       "dense.bias": "generator_predictions.dense.bias",
                       "norm.weight": "generator_predictions.LayerNorm.weight",
@@ -294,15 +309,7 @@ def from_transformers(config: dict[str, Any], weights: dict[str, torch.Tensor]
     encoder = encoder_from_hf_config(config)
     prefix = next((p for p in ("bert.", "electra.") if any(k.startswith(p) for k in weights)), "")
     targets = _encoder_tensors(encoder, prefix, electra)
-    missing = [k for k in targets if k not in weights
-               and not k.endswith("token_type_embeddings.weight")]
-    if missing:
-        raise ValueError(f"the weights lack {missing[0]} (and {len(missing) - 1} more); is it "
-                         f"a {'ELECTRA' if electra else 'BERT'} checkpoint?")
-    with torch.no_grad():
-        for name, target in targets.items():
-            if name in weights:
-                target.copy_(weights[name])
+    copy_into(targets, weights, "an ELECTRA" if electra else "a BERT")
     if electra:
         return encoder, mlm_head_weights(weights, "", ELECTRA_HEAD_NAMES)
     head = mlm_head_weights(weights, "cls.predictions.")
@@ -328,13 +335,7 @@ def _from_albert(config: dict[str, Any], weights: dict[str, torch.Tensor]
             raise ValueError("embedding_hidden_mapping_in is not the identity at "
                              "embedding_size = hidden_size; fillmask has no such projection")
         targets = {k: v for k, v in targets.items() if not k.startswith(mapping)}
-    missing = [k for k in targets if k not in weights]
-    if missing:
-        raise ValueError(f"the weights lack {missing[0]} (and {len(missing) - 1} more); is it "
-                         "an ALBERT checkpoint?")
-    with torch.no_grad():
-        for name, target in targets.items():
-            target.copy_(weights[name])
+    copy_into(targets, weights, "an ALBERT")
     head = mlm_head_weights(weights, "predictions.", ALBERT_HEAD_NAMES)
     if head is not None:
         check_head_activation(config.get("hidden_act", "gelu"))

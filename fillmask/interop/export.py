@@ -26,10 +26,11 @@ REMOTE_CLASSES = {"base": "FillmaskModel", "mlm": "FillmaskForMaskedLM",
                   "rtd": "FillmaskForPreTraining",
                   "sequence": "FillmaskForSequenceClassification",
                   "token": "FillmaskForTokenClassification"}
-AUTO_CLASSES = {"AutoModel": "FillmaskModel", "AutoModelForMaskedLM": "FillmaskForMaskedLM",
-                "AutoModelForPreTraining": "FillmaskForPreTraining",
-                "AutoModelForSequenceClassification": "FillmaskForSequenceClassification",
-                "AutoModelForTokenClassification": "FillmaskForTokenClassification"}
+"""fillmask's remote-code class by deliverable kind."""
+AUTO_CLASSES = {"AutoModel": "base", "AutoModelForMaskedLM": "mlm",
+                "AutoModelForPreTraining": "rtd", "AutoModelForSequenceClassification": "sequence",
+                "AutoModelForTokenClassification": "token"}
+"""The transformers Auto class that loads each kind."""
 REMOTE_FILES = ("configuration_fillmask.py", "modeling_fillmask.py")
 
 
@@ -82,7 +83,7 @@ def _native(mapping: ModuleType, d: Deliverable) -> TransformersModel | None:
 
 
 def backbone(mapping: ModuleType, encoder: Encoder
-             ) -> tuple[dict[str, object], dict[str, object]]:
+             ) -> tuple[dict[str, object], dict[str, torch.Tensor]]:
     """The encoder as remote code carries it: a transformers base model's config and weights,
     else the mapping's ``remote_backbone``; ExportError when it has neither."""
     try:
@@ -95,7 +96,7 @@ def backbone(mapping: ModuleType, encoder: Encoder
         return remote(encoder)
 
 
-def remote_model(spec: dict[str, object], weights: dict[str, object], d: Deliverable
+def remote_model(spec: dict[str, object], weights: dict[str, torch.Tensor], d: Deliverable
                  ) -> TransformersModel:
     """fillmask's remote-code class for ``d.kind`` around the encoder ``spec`` describes."""
     head = {k: v for k, v in d.head.state_dict().items() if not k.startswith("embedding.")}
@@ -117,13 +118,14 @@ def remote_model(spec: dict[str, object], weights: dict[str, object], d: Deliver
     return TransformersModel(REMOTE_CLASSES[d.kind], config, detached(tensors), remote_code())
 
 
-def _same(a: torch.Tensor, b: object) -> bool:
-    return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a.detach(), b)
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(a.detach(), b)
 
 
 def remote_auto_map() -> dict[str, str]:
     return {"AutoConfig": "configuration_fillmask.FillmaskConfig",
-            **{auto: f"modeling_fillmask.{cls}" for auto, cls in AUTO_CLASSES.items()}}
+            **{auto: f"modeling_fillmask.{REMOTE_CLASSES[kind]}"
+               for auto, kind in AUTO_CLASSES.items()}}
 
 
 def remote_code() -> dict[str, str]:

@@ -318,50 +318,49 @@ class FillmaskForMaskedLM(FillmaskPreTrainedModel):
         return MaskedLMOutput(loss=loss, logits=logits)
 
 
-class FillmaskForPreTraining(FillmaskPreTrainedModel):
-    """An ELECTRA-style discriminator: a replaced-or-original ``logits`` (B, T) per token."""
-
-    def __init__(self, config: FillmaskConfig) -> None:
-        super().__init__(config)
-        self.head = ReplacedTokenHead(self._width()[0])
-        self.post_init()
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                **kwargs: Any) -> ReplacedTokenOutput:
-        logits = self.head(self.encode(input_ids, attention_mask, token_type_ids, position_ids))
-        loss = None
-        if labels is not None:
-            real = torch.ones_like(labels, dtype=torch.bool)
-            if attention_mask is not None:
-                real = attention_mask.bool()
-            loss = F.binary_cross_entropy_with_logits(logits[real], labels[real].float())
-        return ReplacedTokenOutput(loss=loss, logits=logits)
-
-
 class Classifier(FillmaskPreTrainedModel):
-    """A classification head (``head_class``) on the encoder; cross-entropy against ``labels``
-    (-100: ignored)."""
+    """A head on the encoder's states (built by :meth:`build_head`) and its loss against
+    ``labels``: cross-entropy (-100: ignored) unless a subclass says otherwise."""
 
     head_class: type[nn.Module]
     output_class: type[ModelOutput]
 
     def __init__(self, config: FillmaskConfig) -> None:
         super().__init__(config)
-        self.head = self.head_class(self._width()[0], config.num_labels,
-                                    config.classifier_dropout)
+        self.head = self.build_head(config)
         self.post_init()
+
+    def build_head(self, config: FillmaskConfig) -> nn.Module:
+        return self.head_class(self._width()[0], config.num_labels, config.classifier_dropout)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor,
+             attention_mask: torch.Tensor | None) -> torch.Tensor:
+        return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=-100)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 **kwargs: Any) -> ModelOutput:
         logits = self.head(self.encode(input_ids, attention_mask, token_type_ids, position_ids))
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=-100)
+        loss = None if labels is None else self.loss(logits, labels, attention_mask)
         return self.output_class(loss=loss, logits=logits)
+
+
+class FillmaskForPreTraining(Classifier):
+    """An ELECTRA-style discriminator: a replaced-or-original ``logits`` (B, T) per token;
+    binary cross-entropy over real tokens."""
+
+    output_class = ReplacedTokenOutput
+
+    def build_head(self, config: FillmaskConfig) -> nn.Module:
+        return ReplacedTokenHead(self._width()[0])
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor,
+             attention_mask: torch.Tensor | None) -> torch.Tensor:
+        real = torch.ones_like(labels, dtype=torch.bool)
+        if attention_mask is not None:
+            real = attention_mask.bool()
+        return F.binary_cross_entropy_with_logits(logits[real], labels[real].float())
 
 
 class FillmaskForSequenceClassification(Classifier):
