@@ -1,5 +1,5 @@
 """The `fillmask` command: fit/validate/test/predict (LightningCLI, in fillmask.fit) plus fill,
-score, export, data, inspect, finetune, plugins and tokenizer.
+score, embed, probe, evaluate, export, data, inspect, finetune, plugins and tokenizer.
 
 Nothing heavy is imported here: each command imports what it needs when it runs, so
 ``fillmask --help`` starts at once and ``fillmask fill`` never imports Lightning.
@@ -171,6 +171,24 @@ def finetune_main(argv: list[str]) -> int:
     return run(argv)
 
 
+def embed_main(argv: list[str]) -> int:
+    from fillmask.embedding import embed_main as run
+
+    return run(argv)
+
+
+def probe_main(argv: list[str]) -> int:
+    from fillmask.probing import probe_main as run
+
+    return run(argv)
+
+
+def evaluate_main(argv: list[str]) -> int:
+    from fillmask.evaluation import evaluate_main as run
+
+    return run(argv)
+
+
 def data_main(argv: list[str]) -> int:
     from fillmask.data.prepare import data_main as run
 
@@ -185,7 +203,8 @@ def export_main(argv: list[str]) -> int:
 
 SUBCOMMANDS = {"fill": fill_main, "tokenizer": tokenizer_main, "plugins": plugins_main,
                "inspect": inspect_main, "finetune": finetune_main, "export": export_main,
-               "score": score_main, "data": data_main}
+               "score": score_main, "data": data_main, "embed": embed_main,
+               "probe": probe_main, "evaluate": evaluate_main}
 """Commands of their own; the LightningCLI ones (fit, validate, ...) run in fillmask.fit."""
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
@@ -199,11 +218,15 @@ training (LightningCLI: one YAML describes a run, --config FILE, --print_config)
   validate   validation metrics of a checkpoint (--ckpt_path)
   test       test metrics of a checkpoint (--ckpt_path)
   predict    run the model's predict step
-  finetune   fine-tune a pretrained encoder on labelled data (fit, validate, test)
+  finetune   fine-tune a pretrained encoder: classification, NER, sentence
+             embeddings, reranking (fit, validate, test)
+  evaluate   fine-tune encoders on a suite of tasks (lr sweep x seeds) and print the table
 
 using a model (a checkpoint or a folder written by export):
   fill       predict the tokens behind [MASK] in sentences
   score      pseudo-log-likelihood, pseudo-perplexity, minimal pairs (BLiMP)
+  embed      sentence embeddings of a file's lines, as a .npy matrix
+  probe      cloze probing of facts (LAMA): precision at 1 and 10 per relation
   export     write a checkpoint as a transformers folder
 
 data and components:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser
 
@@ -26,19 +27,26 @@ class FinetuneCLI(RunCLI):
     model and the pretrained model's tokenizer into the data."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("model.init_args.pretrained", "data.pretrained", apply_on="parse")
+        parser.link_arguments("model.init_args.pretrained", "data.init_args.pretrained",
+                              apply_on="parse")
         parser.link_arguments("data.num_labels", "model.init_args.num_labels",
+                              apply_on="instantiate")
+        parser.link_arguments("data.label_names", "model.init_args.label_names",
                               apply_on="instantiate")
 
 
-def run_finetune(args: list[str] | None = None) -> FinetuneCLI:
-    """Run LightningCLI for fine-tuning (``fillmask finetune fit --config X.yaml``)."""
+def run_finetune(args: list[str] | dict[str, Any] | None = None, run: bool = True
+                 ) -> FinetuneCLI:
+    """Run LightningCLI for fine-tuning (``fillmask finetune fit --config X.yaml``); with
+    ``run=False``, ``args`` is one run's configuration (no subcommand) and nothing runs yet."""
     load_plugins()  # short names of every registered objective and architecture resolve
     return FinetuneCLI(
         EncoderObjective,
         LabelledDataModule,
         subclass_mode_model=True,
+        subclass_mode_data=True,  # a task's own data module (class_path), else LabelledDataModule
         args=args,
+        run=run,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"prog": "fillmask finetune"},
     )

@@ -1,12 +1,14 @@
 """Labelled data for fine-tuning: sentence (pair) classification and token classification.
 
-Reads local CSV, TSV or JSONL files with `datasets`, maps labels to ids (sorted, from the
-training file), tokenises with the pretrained model's tokenizer and pads each batch.
+Reads local CSV, TSV or JSONL files with `datasets` (and, for token classification, CoNLL
+column files), maps labels to ids (sorted, from the training file), tokenises with the
+pretrained model's tokenizer and pads each batch.
 """
 
 from __future__ import annotations
 
 import csv
+import warnings
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -34,6 +36,10 @@ FILE_FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
     ".json": ("json", {}),
     ".jsonl": ("json", {}),
 }
+
+# Suffixes of CoNLL column files (token task): one word a line, blank lines between sentences.
+COLUMN_SUFFIXES = (".conll", ".txt", ".iob")
+DOCSTART = "-DOCSTART-"
 
 
 class LabelledDataError(FillmaskError):
@@ -96,6 +102,7 @@ class LabelledDataModule(L.LightningDataModule):
         label_column: str = "label",
         tokens_column: str = "tokens",
         tags_column: str = "tags",
+        tags_column_index: int = -1,
         tokenizer: str | None = None,
         pretrained: str | None = None,
         max_length: int = 128,
@@ -110,8 +117,11 @@ class LabelledDataModule(L.LightningDataModule):
         """Configure the labelled data.
 
         Args:
-            train_file: Training examples: ``.csv``, ``.tsv``, ``.json`` or ``.jsonl``
-                (token classification needs JSON lines: its columns hold lists).
+            train_file: Training examples: ``.csv``, ``.tsv``, ``.json`` or ``.jsonl``; token
+                classification reads JSON lines (lists of words and tags) or CoNLL column
+                files (``.conll``, ``.txt``, ``.iob``: one word a line, whitespace-separated
+                columns, the word first; blank lines end sentences; ``-DOCSTART-`` lines are
+                skipped).
             validation_file: Validation examples; when absent, ``validation_fraction`` of the
                 training file is held out (chosen by ``seed``).
             test_file: Labelled test examples for ``fillmask finetune test``; defaults to the
@@ -123,6 +133,9 @@ class LabelledDataModule(L.LightningDataModule):
             label_column: Column of the label, string or integer (sequence task).
             tokens_column: Column holding each example's list of words (token task).
             tags_column: Column holding each example's list of tags, one per word (token task).
+            tags_column_index: Which column of a CoNLL column file holds the tag, counted from 0
+                (negative: from the end). The default -1 is the last column: the NER tag of
+                CoNLL-2003's ``word POS chunk NER``.
             tokenizer: A ``tokenizer.json`` file or a transformers folder. Not needed when
                 ``pretrained`` is given (the CLI links it from the model); when both are
                 given, this one is used.
@@ -151,6 +164,7 @@ class LabelledDataModule(L.LightningDataModule):
         self.label_column = label_column
         self.tokens_column = tokens_column
         self.tags_column = tags_column
+        self.tags_column_index = tags_column_index
         self.tokenizer_path = tokenizer
         self.pretrained = pretrained
         self.max_length = max_length
@@ -238,9 +252,14 @@ class LabelledDataModule(L.LightningDataModule):
         if not path.is_file():
             raise LabelledDataError(f"{split} file {path} does not exist; set data.{split}_file "
                                     "to an existing .csv, .tsv or .jsonl file")
+        if self.task == "token" and path.suffix.lower() in COLUMN_SUFFIXES:
+            data = datasets.Dataset.from_dict(self._read_columns(path))
+            self._check_columns(data, path)
+            return data
         if path.suffix.lower() not in FILE_FORMATS:
+            columns = f" (token task: also {', '.join(COLUMN_SUFFIXES)})" * (self.task == "token")
             raise LabelledDataError(f"{split} file {path}: unknown format {path.suffix!r}; use "
-                                    f"one of {', '.join(FILE_FORMATS)}")
+                                    f"one of {', '.join(FILE_FORMATS)}{columns}")
         builder, options = FILE_FORMATS[path.suffix.lower()]
         cache = str(cache_root(self.cache_dir) / "datasets")
         try:
@@ -250,6 +269,47 @@ class LabelledDataModule(L.LightningDataModule):
             raise LabelledDataError(f"could not read {split} file {path}: {error}") from error
         self._check_columns(data, path)
         return data
+
+    def _read_columns(self, path: Path) -> dict[str, list[list[str]]]:
+        """The sentences of a CoNLL column file: ``tokens_column`` (column 0) and
+        ``tags_column`` (column ``tags_column_index``), one list of each per sentence."""
+        sentences: list[list[str]] = []
+        tags: list[list[str]] = []
+        words: list[str] = []
+        word_tags: list[str] = []
+        width: tuple[int, int] | None = None  # (column count, line number it was first seen)
+        with path.open(encoding="utf-8") as file:
+            for number, line in enumerate(file, start=1):
+                fields = line.split()
+                if not fields or fields[0] == DOCSTART:
+                    if words:
+                        sentences.append(words)
+                        tags.append(word_tags)
+                    words, word_tags = [], []
+                    continue
+                if width is None:
+                    width = (len(fields), number)
+                    self._check_tag_index(path, number, len(fields))
+                elif len(fields) != width[0]:
+                    raise LabelledDataError(
+                        f"{path} line {number} has {len(fields)} columns but line {width[1]} has "
+                        f"{width[0]}; give every word line the same whitespace-separated columns "
+                        "(word first, no spaces inside a word) and separate sentences by blank "
+                        "lines")
+                words.append(fields[0])
+                word_tags.append(fields[self.tags_column_index])
+        if words:
+            sentences.append(words)
+            tags.append(word_tags)
+        return {self.tokens_column: sentences, self.tags_column: tags}
+
+    def _check_tag_index(self, path: Path, number: int, width: int) -> None:
+        index = self.tags_column_index
+        if not -width <= index < width or index % width == 0:
+            raise LabelledDataError(
+                f"{path} line {number} has {width} columns, so data.tags_column_index={index} "
+                "names no tag column (column 0 is the word); set it to the tag's column, e.g. "
+                "-1 for the last")
 
     def _columns(self) -> list[str]:
         if self.task == "token":
@@ -267,7 +327,8 @@ class LabelledDataModule(L.LightningDataModule):
                                                                  list):
             raise LabelledDataError(f"{path}: column {self.tokens_column!r} must hold lists of "
                                     "words for token classification; write JSON lines such as "
-                                    '{"tokens": ["Paris", "is"], "tags": ["LOC", "O"]}')
+                                    '{"tokens": ["Paris", "is"], "tags": ["LOC", "O"]} or a '
+                                    f"CoNLL column file ({', '.join(COLUMN_SUFFIXES)})")
 
     def _labels_of(self, split: str) -> list[Any]:
         """Every label occurrence of a split (tags flattened for the token task)."""
@@ -344,7 +405,20 @@ class LabelledDataModule(L.LightningDataModule):
             [[str(word) for word in w] for w in words], is_pretokenized=True)
         labels = [first_subtoken_labels(e.word_ids, [self._label_id(tag, split) for tag in t])
                   for e, t in zip(encodings, tags, strict=True)]
+        self._warn_cut_words(split, [len(w) for w in words], labels)
         return {**_ids_and_types(encodings), "labels": labels}
+
+    def _warn_cut_words(self, split: str, word_counts: list[int], labels: list[np.ndarray]
+                        ) -> None:
+        """Warn when ``max_length`` cut words off: they are neither trained nor scored."""
+        kept = [int((row != IGNORE_INDEX).sum()) for row in labels]
+        cut = [(count, k) for count, k in zip(word_counts, kept, strict=True) if k < count]
+        if cut:
+            lost = sum(count - k for count, k in cut)
+            warnings.warn(f"{split}: {len(cut)} of {len(labels)} sentences are longer than "
+                          f"max_length={self.max_length} tokens; their last {lost} words are "
+                          "neither trained nor scored (their entities count nowhere); raise "
+                          "data.max_length to keep them", stacklevel=2)
 
     # Loaders.
 

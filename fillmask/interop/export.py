@@ -76,6 +76,8 @@ def _native(mapping: ModuleType, d: Deliverable) -> TransformersModel | None:
     try:
         if d.kind == "mlm":
             return mapping.to_transformers(d.encoder, d.head)
+        if d.kind == "base":  # the encoder alone (sentence embeddings)
+            return mapping.to_transformers(d.encoder, None)
         native_head = getattr(mapping, "native_head", None)
         return None if native_head is None else native_head(d.encoder, d.kind, d.head)
     except ValueError:
@@ -155,9 +157,10 @@ def tokenizer_files(tokenizer: Tokenizer, max_length: int, token_types: bool = T
 
 
 def write_folder(target: TransformersModel, tokenizer: Tokenizer | None, encoder: Encoder,
-                 output: Path) -> None:
+                 output: Path, extra_files: dict[str, str] | None = None) -> None:
     """Write the folder into a temporary sibling, then move it into place: an interrupted
-    export never leaves a half-written ``output``."""
+    export never leaves a half-written ``output``. ``extra_files`` (relative path -> text) are
+    written too (an objective's ``folder_files()``, e.g. the sentence-transformers layout)."""
     from safetensors.torch import save_file
 
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -174,7 +177,9 @@ def write_folder(target: TransformersModel, tokenizer: Tokenizer | None, encoder
         if tokenizer is not None:
             token_types = "token_types" in encoder.embedding_tables()
             files.update(tokenizer_files(tokenizer, encoder.max_positions, token_types))
+        files.update(extra_files or {})
         for name, text in files.items():
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
             (staging / name).write_text(text, encoding="utf-8")
         if output.exists():
             shutil.rmtree(output)
@@ -199,7 +204,8 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, overwrite: boo
     targets = transformers_models(model)
     encoder = model.encoder
     if list(targets) == [""]:
-        write_folder(targets[""], tokenizer, encoder, output)
+        extra = getattr(model, "folder_files", dict)()  # SentenceEmbedding: sentence-transformers
+        write_folder(targets[""], tokenizer, encoder, output, extra)
         return targets
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
