@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -319,8 +320,6 @@ def run_or_reuse(suite: Suite, encoder: EncoderEntry, scratch: dict[str, Any] | 
         log(f"{label}: {task.metric} {result['metrics'][task.metric]:.4f} (done before)")
         return result
     if folder.exists():  # an interrupted run: start it again from nothing
-        import shutil
-
         shutil.rmtree(folder)
     log(f"{label}: running")
     start = time.perf_counter()

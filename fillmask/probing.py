@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from fillmask.errors import FillmaskError
-from fillmask.inference import FillMaskModel, check_device, length_batches
+from fillmask.inference import FillMaskModel, check_device, length_batches, read_lines
 
 __all__ = ["Fact", "ProbeReport", "probe", "probe_main", "read_facts"]
 
@@ -89,13 +89,7 @@ def read_facts(path: str | Path) -> list[Fact]:
     if not file.is_file():
         raise FillmaskError(f"facts file {path} does not exist; give a JSON-lines file with "
                             "one fact per line")
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise FillmaskError(f"{path} is not UTF-8 text ({error.reason}); save it as UTF-8"
-                            ) from None
-    return [_parse(file, number, line) for number, line in enumerate(text.split("\n"), 1)
-            if line.strip()]
+    return [_parse(file, number, line) for number, line in read_lines(str(file))]
 
 
 @dataclass
