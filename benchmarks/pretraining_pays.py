@@ -11,6 +11,9 @@ synset's offset (stable across runs and machines). No one in this project wrote 
 
 Both encoders run through ``fillmask evaluate`` (the same suite, the same learning-rate sweep and
 seeds); the script prints the table and the difference at the best learning rate.
+``--linear-probe`` instead freezes both encoders and fits a logistic regression on their
+mean-pooled states (and on the mean of their input token embeddings): how much of the task the
+features carry before any fine-tuning.
 
     python benchmarks/pretraining_pays.py --checkpoint runs/quickstart/checkpoints/last.ckpt
 """
@@ -24,9 +27,14 @@ import json
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
 import yaml
+
+from fillmask.embedding import SentenceEncoder
 
 CATEGORIES = {4: "act", 5: "animal", 6: "artifact", 10: "communication", 13: "food",
               15: "location", 18: "person", 20: "plant", 26: "state", 27: "substance"}
@@ -103,6 +111,69 @@ def suite(checkpoint: Path, train: Path, dev: Path, args: argparse.Namespace) ->
     }
 
 
+def read_task(path: Path, labels: list[str] | None = None) -> tuple[list[str], torch.Tensor]:
+    rows = list(csv.DictReader(path.open(encoding="utf-8")))
+    names = labels or sorted({r["label"] for r in rows})
+    return [r["text"] for r in rows], torch.tensor([names.index(r["label"]) for r in rows])
+
+
+def features(encoder: SentenceEncoder, texts: list[str]) -> dict[str, torch.Tensor]:
+    """Mean-pooled final states, and the mean of the input token embeddings, of ``texts``."""
+    table = encoder.encoder.token_embedding()
+    bags = []
+    for text in texts:
+        ids = torch.tensor(encoder.tokenizer.encode(text).ids)
+        with torch.no_grad():
+            bags.append(table(ids).mean(0))
+    return {"final states": torch.from_numpy(encoder.embed(texts)),
+            "token embeddings": torch.stack(bags)}
+
+
+def logistic_regression(x: torch.Tensor, y: torch.Tensor, strength: float
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights and bias of a multinomial logistic regression with an L2 penalty (L-BFGS)."""
+    weight = torch.zeros(x.shape[1], int(y.max()) + 1, requires_grad=True)
+    bias = torch.zeros(weight.shape[1], requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=300)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x @ weight + bias, y) + strength * weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return weight.detach(), bias.detach()
+
+
+def probe_accuracy(train: torch.Tensor, y_train: torch.Tensor, dev: torch.Tensor,
+                   y_dev: torch.Tensor) -> float:
+    """Dev accuracy (%) of logistic regression on standardised features, the best of three
+    regularisation strengths."""
+    mean, std = train.mean(0), train.std(0) + 1e-6
+    train, dev = (train - mean) / std, (dev - mean) / std
+    scores = []
+    for strength in (1e-4, 1e-3, 1e-2):
+        weight, bias = logistic_regression(train, y_train, strength)
+        scores.append(100 * ((dev @ weight + bias).argmax(-1) == y_dev).float().mean().item())
+    return max(scores)
+
+
+def linear_probe(checkpoint: Path, train: Path, dev: Path) -> None:
+    """Print the frozen-feature probe of the pretrained encoder and of its untrained twin."""
+    torch.manual_seed(0)
+    pretrained = SentenceEncoder.load(checkpoint, pooling="mean")
+    scratch = replace(pretrained, encoder=pretrained.encoder.resized().eval())
+    texts, y_train = read_task(train)
+    dev_texts, y_dev = read_task(dev, sorted({r["label"] for r in csv.DictReader(train.open())}))
+    print("\nLinear probe on frozen features (dev accuracy, %):")
+    for name, encoder in (("pretrained", pretrained), ("scratch", scratch)):
+        train_x, dev_x = features(encoder, texts), features(encoder, dev_texts)
+        cells = ", ".join(f"{kind} {probe_accuracy(train_x[kind], y_train, dev_x[kind], y_dev):.1f}"
+                          for kind in train_x)
+        print(f"  {name:<10} {cells}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, required=True, help="the quickstart's")
@@ -117,11 +188,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--model-options", default="{}",
                         help="JSON of extra SequenceClassification options")
+    parser.add_argument("--linear-probe", action="store_true",
+                        help="probe frozen features instead of fine-tuning")
     args = parser.parse_args()
     args.output.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         data_noun = wordnet_nouns(args.wordnet_deb, Path(tmp))
         train, dev = build_task(data_noun, args.output, args.train_per_class, args.dev_per_class)
+    if args.linear_probe:
+        linear_probe(args.checkpoint, train, dev)
+        return
     config = args.output / "suite.yaml"
     config.write_text(yaml.safe_dump(suite(args.checkpoint, train, dev, args), sort_keys=False),
                       encoding="utf-8")

@@ -2,9 +2,40 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fillmask.errors import FillmaskError
+
+Pooling = Literal["cls", "mean", "max"]
+POOLINGS: tuple[str, ...] = ("cls", "mean", "max")
+
+
+def check_pooling(pooling: str) -> str:
+    """``pooling`` when it is one of :data:`POOLINGS`, else a one-line error with the choices."""
+    if pooling not in POOLINGS:
+        raise FillmaskError(f"pooling {pooling!r} is unknown; use one of {', '.join(POOLINGS)}")
+    return pooling
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Sentence vectors (B, C) from token states ``hidden`` (B, T, C) over the real tokens that
+    ``mask`` (B, T) marks: ``cls`` the first token's state (the batch is padded on the right),
+    ``mean`` the average of the real tokens' states, ``max`` their element-wise maximum.
+    Padding never contributes, so a padded row gives what the row alone gives."""
+    check_pooling(pooling)
+    if pooling == "cls":
+        return hidden[:, 0]  # (B, C)
+    real = mask.bool().unsqueeze(-1)  # (B, T, 1)
+    if pooling == "max":
+        lowest = torch.finfo(hidden.dtype).min
+        return hidden.masked_fill(~real, lowest).amax(dim=1)  # (B, C)
+    total = (hidden * real).sum(dim=1)  # (B, C)
+    count = real.sum(dim=1).clamp(min=1)  # (B, 1)
+    return total / count  # (B, C)
 
 
 def head_eps(encoder: nn.Module) -> float:

@@ -296,3 +296,85 @@ def test_finetune_configs_parse(name, capsys):
     out = capsys.readouterr().out
     kind = "SequenceClassification" if name == "finetune-sst2" else "TokenClassification"
     assert f"fillmask.objectives.classify.{kind}" in out and "train_file:" in out
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean", "max"])
+def test_sequence_pooling_reads_real_tokens_only(pooling):
+    torch.manual_seed(0)
+    model = SequenceClassification(encoder=BertEncoder.preset("tiny", vocab_size=64,
+                                                              max_positions=16),
+                                   num_labels=3, pooling=pooling).eval()
+    ids = torch.randint(5, 64, (1, 6))
+    alone = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "labels": torch.tensor([1])}
+    padded = {"input_ids": torch.cat([ids, torch.zeros(1, 4, dtype=torch.long)], 1),
+              "attention_mask": torch.cat([torch.ones(1, 6), torch.zeros(1, 4)], 1).long(),
+              "labels": torch.tensor([1])}
+    with torch.no_grad():
+        logits, _ = model.logits_and_targets(alone)
+        padded_logits, _ = model.logits_and_targets(padded)
+        states = model.encoder(ids)
+    torch.testing.assert_close(padded_logits, logits, atol=1e-5, rtol=1e-5)
+    pooled = {"cls": states[:, 0], "mean": states.mean(1), "max": states.amax(1)}[pooling]
+    head = model.head
+    torch.testing.assert_close(logits, head.classifier(torch.tanh(head.pooler(pooled))))
+    assert model.hparams.pooling == pooling
+
+
+def test_unknown_pooling_or_layer_decay_is_one_line():
+    encoder = BertEncoder.preset("tiny", vocab_size=64)
+    with pytest.raises(Exception, match=r"pooling 'first' is unknown; use one of cls, mean, max"):
+        SequenceClassification(encoder=encoder, pooling="first")
+    with pytest.raises(Exception, match=r"layer_decay=1.5: give a factor in \(0, 1\]"):
+        SequenceClassification(encoder=encoder, layer_decay=1.5)
+
+
+def test_layer_decay_gives_each_depth_its_rate():
+    encoder = BertEncoder.preset("tiny", vocab_size=64, norm="pre")  # pre-LN: a final norm
+    layers = len(encoder.blocks)
+    model = SequenceClassification(encoder=encoder, num_labels=3, learning_rate=1e-3,
+                                   layer_decay=0.5)
+    rate = {id(p): g["lr"] for g in model._parameter_groups() for p in g["params"]}
+    decay = {id(p): g["weight_decay"] for g in model._parameter_groups() for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert rate[id(named["head.classifier.weight"])] == pytest.approx(1e-3)
+    assert rate[id(named["encoder.final_norm.weight"])] == pytest.approx(1e-3)
+    for i in range(layers):
+        want = 1e-3 * 0.5 ** (layers - i)
+        assert rate[id(named[f"encoder.blocks.{i}.ffn.up.weight"])] == pytest.approx(want)
+    assert rate[id(named["encoder.embeddings.tokens.weight"])] == pytest.approx(
+        1e-3 * 0.5 ** (layers + 1))
+    assert decay[id(named["encoder.blocks.0.ffn.up.weight"])] == 0.01
+    assert decay[id(named["encoder.blocks.0.ffn.up.bias"])] == 0.0
+    assert len(rate) == len(named)  # every parameter in exactly one group
+    plain = SequenceClassification(encoder=encoder, num_labels=3, learning_rate=1e-3)
+    assert all("lr" not in g for g in plain._parameter_groups())
+
+
+def test_datasets_folder_with_class_labels_fine_tunes_like_files(data_dir, tmp_path):
+    import datasets
+
+    rows = list(csv.DictReader((data_dir / "train.csv").open()))
+    names = sorted({r["label"] for r in rows})
+    features = datasets.Features({"sentence": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=names)})
+    columns = {"sentence": [r["sentence"] for r in rows],
+               "label": [names.index(r["label"]) for r in rows]}
+    saved = tmp_path / "sentiment"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(columns, features=features)}
+                         ).save_to_disk(str(saved))
+    dm = LabelledDataModule(dataset=str(saved), text_column="sentence",
+                            tokenizer=str(data_dir / "tokenizer.json"), max_length=32)
+    assert dm.label_names == names  # class-label names, not ids
+    assert len(dm.raw["validation"]) == round(0.1 * len(rows))  # no validation split: held out
+    files = LabelledDataModule(str(data_dir / "train.csv"), text_column="sentence",
+                               tokenizer=str(data_dir / "tokenizer.json"), max_length=32)
+    assert files.label_names == names
+    with pytest.raises(LabelledDataError, match=r"has no split 'test' \(splits: train\); "
+                                                r"set data.test_split"):
+        _ = LabelledDataModule(dataset=str(saved), text_column="sentence",
+                               test_split="test").raw
+    with pytest.raises(LabelledDataError, match=r"could not load dataset .*no-such-dataset"):
+        _ = LabelledDataModule(dataset=str(tmp_path / "no-such-dataset")).raw
+    with pytest.raises(LabelledDataError, match=r"data.train_file .* or as data.dataset"):
+        LabelledDataModule(str(data_dir / "train.csv"), dataset=str(saved))

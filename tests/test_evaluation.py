@@ -108,7 +108,8 @@ def test_table_reports_the_best_rate_mean_and_spread(tmp_path):
 
 
 def test_default_sweep_follows_the_encoder_width():
-    assert default_learning_rates(128) == [1e-4, 3e-4, 1e-3]
+    assert default_learning_rates(128) == [3e-4, 1e-3, 3e-3]
+    assert default_learning_rates(256) == [1e-4, 3e-4, 1e-3]
     assert default_learning_rates(768) == [2e-5, 3e-5, 5e-5]
 
 

@@ -27,6 +27,7 @@ from fillmask.objectives.base import Deliverable, EncoderObjective
 from fillmask.objectives.classify import SequenceClassification, TokenClassification
 from fillmask.objectives.distill import Distillation
 from fillmask.objectives.mlm import MaskedLM
+from fillmask.objectives.qa import QuestionAnswering
 from fillmask.objectives.rtd import ReplacedTokenDetection
 from fillmask.registry import architectures
 
@@ -38,13 +39,17 @@ TEXTS = ["The [MASK] statement exits a function early.", "A list [MASK] values."
          "result."]  # 49 tokens: past ModernBERT's tiny local window, so local attention shows
 AUTO = {"mlm": "AutoModelForMaskedLM", "rtd": "AutoModelForPreTraining",
         "sequence": "AutoModelForSequenceClassification",
-        "token": "AutoModelForTokenClassification", "base": "AutoModel"}
+        "token": "AutoModelForTokenClassification", "base": "AutoModel",
+        "qa": "AutoModelForQuestionAnswering"}
 OBJECTIVES = {
     "mlm-tied": lambda encoder: MaskedLM(encoder, tie_embeddings=True),
     "mlm-untied": lambda encoder: MaskedLM(encoder, tie_embeddings=False),
     "rtd": lambda encoder: ReplacedTokenDetection(encoder),
     "sequence": lambda encoder: SequenceClassification(encoder=encoder, num_labels=3),
+    "mean-pooled": lambda encoder: SequenceClassification(encoder=encoder, num_labels=3,
+                                                          pooling="mean"),
     "token": lambda encoder: TokenClassification(encoder=encoder, num_labels=5),
+    "qa": lambda encoder: QuestionAnswering(encoder=encoder),
 }
 
 
@@ -102,7 +107,7 @@ def fillmask_outputs(d: Deliverable, ids: torch.Tensor, mask: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         states = d.encoder(ids, attention_mask=mask)  # (B, T, C)
-        return (d.head(states[:, 0]) if d.kind == "sequence" else d.head(states)), states
+        return (d.head(states, mask) if d.kind == "sequence" else d.head(states)), states
 
 
 def assert_close_on_real(got: torch.Tensor, want: torch.Tensor, mask: torch.Tensor,
@@ -214,7 +219,12 @@ def test_remote_code_is_chosen_only_where_transformers_has_no_class(exported):
               for e in exported["exports"]}
     native = {"BertEncoder-bert/mlm-tied": "BertForMaskedLM",
               "BertEncoder-bert/sequence": "BertForSequenceClassification",
+              "BertEncoder-bert/mean-pooled": "FillmaskForSequenceClassification",
               "BertEncoder-bert/token": "BertForTokenClassification",
+              "BertEncoder-bert/qa": "BertForQuestionAnswering",
+              "BertEncoder-albert/qa": "AlbertForQuestionAnswering",
+              "ModernBertEncoder-modernbert/qa": "FillmaskForQuestionAnswering",
+              "DebertaEncoder-deberta-v3/qa": "FillmaskForQuestionAnswering",
               "BertEncoder-bert/rtd/discriminator": "ElectraForPreTraining",
               "BertEncoder-electra-small/mlm-tied": "ElectraForMaskedLM",
               "BertEncoder-gelu-tanh/mlm-tied": "ElectraForMaskedLM",
@@ -235,6 +245,7 @@ def test_remote_code_is_chosen_only_where_transformers_has_no_class(exported):
 
     # remote code wraps a native encoder where transformers has one
     assert backbone("BertEncoder-albert/mlm-tied") == "albert"
+    assert backbone("BertEncoder-bert/mean-pooled") == "bert"  # BERT reads the CLS state only
     assert backbone("ModernBertEncoder-modernbert/sequence") == "modernbert"
     assert backbone("BertEncoder-quickstart/mlm-tied") == "fillmask-bert"
     for e in exported["exports"]:

@@ -331,3 +331,11 @@ def test_finetune_squad_config_parses(capsys):
     assert exit_info.value.code in (0, None)
     out = capsys.readouterr().out
     assert "fillmask.objectives.qa.QuestionAnswering" in out and "doc_stride: 128" in out
+
+
+def test_task_question_answering_on_labelled_data_points_to_the_squad_module(tmp_path):
+    from fillmask.data.labelled import LabelledDataError, LabelledDataModule
+
+    with pytest.raises(LabelledDataError, match=r"class_path: fillmask\.data\.squad\."
+                                                r"QuestionAnsweringDataModule"):
+        LabelledDataModule(str(tmp_path / "train.json"), task="question_answering")

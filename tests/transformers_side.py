@@ -34,7 +34,12 @@ def run_case(case: dict) -> torch.Tensor:
     model = auto.from_pretrained(case["folder"], trust_remote_code=True).eval()
     with torch.no_grad():
         out = model(input_ids=case["input_ids"], attention_mask=case["attention_mask"])
-    value = out.last_hidden_state if case["auto"] == "AutoModel" else out.logits
+    if case["auto"] == "AutoModel":
+        value = out.last_hidden_state
+    elif case["auto"] == "AutoModelForQuestionAnswering":
+        value = torch.stack([out.start_logits, out.end_logits], dim=-1)  # (B, T, 2)
+    else:
+        value = out.logits
     return value, type(model).__name__
 
 

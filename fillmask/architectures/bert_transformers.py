@@ -124,7 +124,8 @@ def to_transformers(encoder: BertEncoder, head: nn.Module | None = None) -> Tran
 
 def native_head(encoder: BertEncoder, kind: HeadKind, head: nn.Module) -> TransformersModel | None:
     """``ElectraForPreTraining`` for a GELU discriminator's replaced-token head;
-    ``BertForSequenceClassification`` / ``BertForTokenClassification`` for fine-tuned heads of
+    ``BertForSequenceClassification`` / ``BertForTokenClassification`` /
+    ``BertForQuestionAnswering`` (ALBERT's for shared layers) for fine-tuned heads of
     unfactorised encoders; None for what only remote code computes."""
     if native_blocker(encoder) is not None:
         return None
@@ -137,7 +138,7 @@ def native_head(encoder: BertEncoder, kind: HeadKind, head: nn.Module) -> Transf
         linear_tensors(weights, "discriminator_predictions.dense_prediction", head.score)
         return TransformersModel("ElectraForPreTraining", _config(encoder, True),
                                  detached(weights))
-    if kind not in ("sequence", "token") or (factorised(encoder) and not shared(encoder)):
+    if kind not in ("sequence", "token", "qa") or (factorised(encoder) and not shared(encoder)):
         return None
     family, prefix = ("Albert", "albert.") if shared(encoder) else ("Bert", "bert.")
     if shared(encoder):
@@ -146,6 +147,10 @@ def native_head(encoder: BertEncoder, kind: HeadKind, head: nn.Module) -> Transf
     else:
         weights, config = _encoder_tensors(encoder, prefix, False), _config(encoder, False)
         pooler = "bert.pooler.dense"
+    if kind == "qa":  # the start/end Linear itself
+        linear_tensors(weights, "qa_outputs", head)
+        return TransformersModel(f"{family}ForQuestionAnswering", {**config, "num_labels": 2},
+                                 detached(weights))
     if kind == "sequence":
         linear_tensors(weights, pooler, head.pooler)
     linear_tensors(weights, "classifier", head.classifier)

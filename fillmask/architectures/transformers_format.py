@@ -12,7 +12,8 @@ through the registry, so the model never imports interop. The module defines:
   ``model_type`` values the encoder class lists in ``transformers_model_types``; the MLM head's
   weights under MLMHead names (``dense.weight``, ``norm.bias``, ``decoder``, ``bias``, ...).
 - optionally ``native_head(encoder, kind, head) -> TransformersModel | None``: a transformers
-  class with another fillmask head (``kind``: ``rtd``, ``sequence`` or ``token``), or None.
+  class with another fillmask head (``kind``: ``rtd``, ``sequence``, ``token`` or ``qa``),
+  or None.
 - optionally ``remote_backbone(encoder) -> (spec, weights)``: for encoders no transformers class
   computes, the arguments (``model_type: fillmask-bert``) and weights of the encoder that
   fillmask's remote-code files rebuild.
@@ -29,7 +30,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-HeadKind = Literal["mlm", "rtd", "sequence", "token"]
+HeadKind = Literal["base", "mlm", "rtd", "sequence", "token", "qa"]
+"""What leaves with an encoder: nothing (``base``), a masked-LM, replaced-token, sequence or
+token classification head, or an extractive question answering (start/end) head."""
 
 
 @dataclass

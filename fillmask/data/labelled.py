@@ -27,7 +27,8 @@ from fillmask.errors import FillmaskError
 from fillmask.masking.base import IGNORE_INDEX
 from fillmask.paths import cache_root
 
-Task = Literal["sequence", "token"]
+Task = Literal["sequence", "token", "question_answering"]
+"""``question_answering`` is named only to point at its own data module (SQuAD files)."""
 
 # File suffix -> `datasets` builder and its reading options.
 FILE_FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -93,7 +94,7 @@ class LabelledDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        train_file: str,
+        train_file: str | None = None,
         validation_file: str | None = None,
         test_file: str | None = None,
         task: Task = "sequence",
@@ -113,6 +114,11 @@ class LabelledDataModule(L.LightningDataModule):
         seed: int = 0,
         validation_fraction: float = 0.1,
         cache_dir: str | None = None,
+        dataset: str | None = None,
+        dataset_config: str | None = None,
+        train_split: str = "train",
+        validation_split: str | None = "validation",
+        test_split: str | None = None,
     ) -> None:
         """Configure the labelled data.
 
@@ -151,13 +157,39 @@ class LabelledDataModule(L.LightningDataModule):
                 validation file.
             cache_dir: Where `datasets` caches the parsed files (default
                 ``$FILLMASK_CACHE/datasets`` or ``~/.cache/fillmask/datasets``).
+            dataset: Instead of files, a ``datasets`` name (``load_dataset(dataset,
+                dataset_config)``: from the Hugging Face cache, offline with
+                ``HF_DATASETS_OFFLINE=1``) or a folder written by ``save_to_disk``. Class-label
+                columns are read as their names.
+            dataset_config: The dataset's configuration (e.g. ``sst2`` of ``glue``).
+            train_split: The dataset's training split.
+            validation_split: Its validation split; when the dataset has none,
+                ``validation_fraction`` of the training split is held out.
+            test_split: Its labelled test split for ``fillmask finetune test``.
         """
         super().__init__()
+        if task == "question_answering":
+            raise LabelledDataError(
+                "data.task: question_answering reads SQuAD JSON with its own data module and "
+                "options (doc_stride, max_query_length): write data: class_path: "
+                "fillmask.data.squad.QuestionAnsweringDataModule and model: class_path: "
+                "fillmask.objectives.qa.QuestionAnswering (see configs/finetune-squad.yaml)")
         if task not in ("sequence", "token"):
             raise ValueError(f"task={task!r} is unknown; use 'sequence' or 'token'")
         if not 0.0 < validation_fraction < 1.0:
             raise ValueError(f"validation_fraction={validation_fraction} must be in (0, 1)")
+        if (train_file is None) == (dataset is None):
+            raise LabelledDataError("give the labelled data as data.train_file (a file) or as "
+                                    "data.dataset (a datasets name or saved folder), not both "
+                                    "or neither")
         self.files = {"train": train_file, "validation": validation_file, "test": test_file}
+        self.dataset = dataset
+        self.dataset_config = dataset_config
+        if dataset is not None:  # how messages name each split
+            self.files = {name: split and f"{dataset}[{split}]" for name, split in
+                          (("train", train_split), ("validation", validation_split),
+                           ("test", test_split))}
+        self.splits = {"train": train_split, "validation": validation_split, "test": test_split}
         self.task = task
         self.text_column = text_column
         self.text_pair_column = text_pair_column
@@ -240,7 +272,10 @@ class LabelledDataModule(L.LightningDataModule):
     @cached_property
     def raw(self) -> datasets.DatasetDict:
         """The examples of each split, as read (validation held out of train if needed)."""
-        splits = {name: self._read(name, file) for name, file in self.files.items() if file}
+        if self.dataset is not None:
+            splits = self._read_dataset()
+        else:
+            splits = {name: self._read(name, file) for name, file in self.files.items() if file}
         if "validation" not in splits:
             held = splits["train"].train_test_split(test_size=self.validation_fraction,
                                                     seed=self.seed, shuffle=True)
@@ -269,6 +304,42 @@ class LabelledDataModule(L.LightningDataModule):
             raise LabelledDataError(f"could not read {split} file {path}: {error}") from error
         self._check_columns(data, path)
         return data
+
+    def _read_dataset(self) -> dict[str, datasets.Dataset]:
+        """The configured splits of ``dataset``, class labels as names; a split the dataset
+        lacks is an error, except validation (then held out of train)."""
+        loaded = self._load_dataset()
+        available = ", ".join(loaded)
+        splits = {}
+        for name, split in self.splits.items():
+            if split is None:
+                continue
+            if split not in loaded:
+                if name == "validation":
+                    self.files["validation"] = None
+                    continue
+                raise LabelledDataError(f"dataset {self.dataset} has no split {split!r} "
+                                        f"(splits: {available}); set data.{name}_split")
+            data = label_names_as_strings(loaded[split])
+            self._check_columns(data, Path(f"{self.dataset}[{split}]"))
+            splits[name] = data
+        return splits
+
+    def _load_dataset(self) -> datasets.DatasetDict:
+        folder = Path(self.dataset).expanduser()
+        try:
+            if (folder / "dataset_dict.json").is_file():
+                return datasets.load_from_disk(str(folder))
+            if (folder / "dataset_info.json").is_file():  # one saved split: train
+                return datasets.DatasetDict({"train": datasets.load_from_disk(str(folder))})
+            return datasets.load_dataset(self.dataset, self.dataset_config)
+        except Exception as error:  # datasets raises many types for a missing dataset
+            raise LabelledDataError(
+                f"could not load dataset {self.dataset!r}"
+                f"{f' ({self.dataset_config})' if self.dataset_config else ''}: "
+                f"{str(error).splitlines()[0] if str(error) else type(error).__name__}; give a "
+                "name in the local Hugging Face cache (download it once with internet), a "
+                "folder written by save_to_disk, or data.train_file") from error
 
     def _read_columns(self, path: Path) -> dict[str, list[list[str]]]:
         """The sentences of a CoNLL column file: ``tokens_column`` (column 0) and
@@ -464,3 +535,30 @@ def first_subtoken_labels(word_ids: list[int | None], word_labels: list[int]) ->
             labels[position] = word_labels[word]
         previous = word
     return labels
+
+
+def label_names_as_strings(data: datasets.Dataset) -> datasets.Dataset:
+    """``data`` with every class-label column (and list of class labels, as NER tags) holding
+    the label names instead of their ids."""
+    named = {}
+    for column, feature in data.features.items():
+        inner = getattr(feature, "feature", None)
+        if isinstance(feature, datasets.ClassLabel):
+            named[column] = (feature.names, False)
+        elif isinstance(inner, datasets.ClassLabel):
+            named[column] = (inner.names, True)
+    if not named:
+        return data
+
+    def name(names: list[str], i: int) -> str | None:
+        return names[i] if i >= 0 else None  # -1: unlabelled (GLUE's test splits)
+
+    def rename(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        return {column: [[name(names, i) for i in row] if nested else name(names, row)
+                         for row in batch[column]] for column, (names, nested) in named.items()}
+
+    features = data.features.copy()
+    for column, (_, nested) in named.items():
+        features[column] = (datasets.Sequence(datasets.Value("string")) if nested
+                            else datasets.Value("string"))
+    return data.map(rename, batched=True, features=features, keep_in_memory=True)

@@ -25,11 +25,13 @@ from fillmask.sources import mapping_of
 REMOTE_CLASSES = {"base": "FillmaskModel", "mlm": "FillmaskForMaskedLM",
                   "rtd": "FillmaskForPreTraining",
                   "sequence": "FillmaskForSequenceClassification",
-                  "token": "FillmaskForTokenClassification"}
+                  "token": "FillmaskForTokenClassification",
+                  "qa": "FillmaskForQuestionAnswering"}
 """fillmask's remote-code class by deliverable kind."""
 AUTO_CLASSES = {"AutoModel": "base", "AutoModelForMaskedLM": "mlm",
                 "AutoModelForPreTraining": "rtd", "AutoModelForSequenceClassification": "sequence",
-                "AutoModelForTokenClassification": "token"}
+                "AutoModelForTokenClassification": "token",
+                "AutoModelForQuestionAnswering": "qa"}
 """The transformers Auto class that loads each kind."""
 REMOTE_FILES = ("configuration_fillmask.py", "modeling_fillmask.py")
 
@@ -79,7 +81,9 @@ def _native(mapping: ModuleType, d: Deliverable) -> TransformersModel | None:
         if d.kind == "base":  # the encoder alone (sentence embeddings)
             return mapping.to_transformers(d.encoder, None)
         native_head = getattr(mapping, "native_head", None)
-        return None if native_head is None else native_head(d.encoder, d.kind, d.head)
+        if native_head is None or getattr(d.head, "pooling", "cls") != "cls":
+            return None  # transformers' sequence classifiers read the first token only
+        return native_head(d.encoder, d.kind, d.head)
     except ValueError:
         return None
 
@@ -115,6 +119,10 @@ def remote_model(spec: dict[str, object], weights: dict[str, torch.Tensor], d: D
     if d.kind in ("sequence", "token"):
         config.update(num_labels=d.head.classifier.out_features,
                       classifier_dropout=d.head.dropout.p)
+    if d.kind == "qa":
+        config.update(num_labels=2)
+    if d.kind == "sequence":
+        config.update(classifier_pooling=getattr(d.head, "pooling", "cls"))
     tensors = {**{f"backbone.{k}": v for k, v in weights.items()},
                **{f"head.{k}": v for k, v in head.items()}}
     return TransformersModel(REMOTE_CLASSES[d.kind], config, detached(tensors), remote_code())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -282,6 +283,38 @@ def decay_flags(module: torch.nn.Module) -> dict[str, bool]:
     norms and other one-dimensional parameters no."""
     return {unwrapped_name(name): param.ndim >= 2 and "norm" not in name
             for name, param in module.named_parameters()}
+
+
+_LAYER_INDEX = re.compile(r"\.(?:blocks|layers|layer)\.(\d+)\.")
+
+
+def layer_depths(names: list[str]) -> dict[str, int]:
+    """The depth of each parameter (by name) for layer-wise learning-rate decay: 0 for the
+    encoder's embeddings, i + 1 for its block i, L + 1 for everything above the L blocks (the
+    final norm, the heads)."""
+    blocks = {n: int(m.group(1)) for n in names
+              if n.startswith("encoder.") and (m := _LAYER_INDEX.search(n))}
+    top = max(blocks.values(), default=-1) + 2
+    return {n: blocks[n] + 1 if n in blocks else
+            0 if n.startswith("encoder.") and "embed" in n else top for n in names}
+
+
+def layerwise_groups(model: nn.Module, groups: list[dict[str, Any]], peak: float,
+                     decay: float) -> list[dict[str, Any]]:
+    """``groups`` split by depth, each with the learning rate ``peak x decay ** (top -
+    depth)``: the heads train at the peak rate, each block below at ``decay`` times the rate of
+    the one above, the embeddings slowest (ELECTRA's and DeBERTa's fine-tuning)."""
+    names = {id(p): unwrapped_name(n) for n, p in model.named_parameters()}
+    depths = layer_depths(list(names.values()))
+    top = max(depths.values(), default=0)
+    out = []
+    for group in groups:
+        by_depth: dict[int, list[nn.Parameter]] = {}
+        for param in group["params"]:
+            by_depth.setdefault(depths[names[id(param)]], []).append(param)
+        out += [{**group, "params": params, "lr": peak * decay ** (top - depth)}
+                for depth, params in sorted(by_depth.items())]
+    return out
 
 
 def start_next_epoch_afresh(checkpoint: dict[str, Any]) -> None:

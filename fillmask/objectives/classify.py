@@ -11,9 +11,10 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from fillmask.architectures.base import Encoder
+from fillmask.architectures.base import Encoder, real_tokens
 from fillmask.architectures.transformers_format import HeadKind
 from fillmask.errors import FillmaskError
+from fillmask.heads import Pooling, check_pooling, pool
 from fillmask.masking.base import IGNORE_INDEX
 from fillmask.metrics.conll import (
     OUTSIDE,
@@ -24,7 +25,7 @@ from fillmask.metrics.conll import (
     scores_from_counts,
     split_tag,
 )
-from fillmask.objectives.base import Deliverable, EncoderObjective
+from fillmask.objectives.base import Deliverable, EncoderObjective, layerwise_groups
 
 __all__ = ["ClassificationObjective", "SequenceClassification", "TokenClassification"]
 
@@ -44,16 +45,21 @@ def resolve_encoder(encoder: Encoder | None, pretrained: str | None) -> Encoder:
 
 
 class SequenceHead(nn.Module):
-    """BERT's sequence classifier: pooler (Linear -> tanh) on the CLS state, dropout, Linear."""
+    """BERT's sequence classifier: pool the token states (``cls``: the first token's, as BERT;
+    ``mean`` or ``max`` over the real tokens), then the pooler (Linear -> tanh), dropout,
+    Linear. The weights are BERT's whatever the pooling."""
 
-    def __init__(self, hidden_size: int, num_labels: int, dropout: float) -> None:
+    def __init__(self, hidden_size: int, num_labels: int, dropout: float,
+                 pooling: Pooling = "cls") -> None:
         super().__init__()
+        self.pooling = check_pooling(pooling)
         self.pooler = nn.Linear(hidden_size, hidden_size)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(hidden_size, num_labels)
 
-    def forward(self, cls_state: torch.Tensor) -> torch.Tensor:
-        pooled = torch.tanh(self.pooler(cls_state))  # (B, C)
+    def forward(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits (B, K) from token states (B, T, C) and the mask of real tokens (B, T)."""
+        pooled = torch.tanh(self.pooler(pool(states, attention_mask, self.pooling)))  # (B, C)
         return self.classifier(self.dropout(pooled))  # (B, K)
 
 
@@ -88,6 +94,7 @@ class ClassificationObjective(EncoderObjective):
         dropout: float = 0.1,
         learning_rate: float = 2e-5,
         warmup_steps: float = 0.1,
+        layer_decay: float = 1.0,
         **kwargs: Any,
     ) -> None:
         """Configure fine-tuning.
@@ -104,9 +111,16 @@ class ClassificationObjective(EncoderObjective):
             dropout: Dropout before the classifier (after the pooler for sequences).
             learning_rate: Peak AdamW learning rate (BERT fine-tuning: 2e-5 to 5e-5).
             warmup_steps: Linear warm-up: a fraction (< 1) of all steps, or a step count.
+            layer_decay: Layer-wise learning-rate decay: the classifier trains at
+                ``learning_rate``, each encoder block at ``layer_decay`` times the rate of the
+                block above, the embeddings slowest (ELECTRA fine-tunes with 0.8, DeBERTa-v3
+                with 0.75 to 0.9). 1.0: one rate for all.
             **kwargs: Other optimisation options of :class:`EncoderObjective` (weight_decay,
                 schedule, ...).
         """
+        if not 0.0 < layer_decay <= 1.0:
+            raise FillmaskError(f"model.init_args.layer_decay={layer_decay}: give a factor in "
+                                "(0, 1], e.g. 0.8 (1.0 turns layer-wise decay off)")
         if num_labels < 2:
             raise FillmaskError(f"num_labels={num_labels}: classification needs at least 2 "
                                 "labels; check the data's label column")
@@ -117,11 +131,22 @@ class ClassificationObjective(EncoderObjective):
                                 f"{num_labels}; give one name per class id")
         self.num_labels = num_labels
         self.label_names = list(label_names) if label_names is not None else None
-        self.head = self.head_class(self.encoder.hidden_size, num_labels, dropout)
+        self.head = self.head_class(self.encoder.hidden_size, num_labels, dropout,
+                                    **self.head_options())
         self.val_loss = MeanMetric()
         self.val_accuracy = MulticlassAccuracy(num_labels, average="micro",
                                                ignore_index=IGNORE_INDEX)
         self.val_f1 = MulticlassF1Score(num_labels, average="macro", ignore_index=IGNORE_INDEX)
+
+    def _parameter_groups(self) -> list[dict[str, Any]]:
+        groups = super()._parameter_groups()
+        decay = self.hparams.layer_decay
+        return groups if decay == 1.0 else layerwise_groups(self, groups,
+                                                            self.hparams.learning_rate, decay)
+
+    def head_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``head_class`` beyond (hidden, num_labels, dropout)."""
+        return {}
 
     def deliverables(self) -> dict[str, Deliverable]:
         """The fine-tuned encoder with its classifier."""
@@ -161,6 +186,12 @@ class ClassificationObjective(EncoderObjective):
         self.val_accuracy.update(logits, targets)
         self.val_f1.update(logits, targets)
 
+    def on_validation_epoch_start(self) -> None:
+        # A validate() before fit() leaves the states as inference-mode tensors (reset ran
+        # under inference mode); fit's validation could not update those in place.
+        for metric in (self.val_loss, self.val_accuracy, self.val_f1):
+            metric.reset()
+
     def on_validation_epoch_end(self) -> None:
         self._log_evaluation("val", prog_bar=True)
 
@@ -181,7 +212,8 @@ class ClassificationObjective(EncoderObjective):
 
 
 class SequenceClassification(ClassificationObjective):
-    """One label per text or text pair (GLUE-style), from the CLS state through BERT's pooler.
+    """One label per text or text pair (GLUE-style): the token states pooled (BERT's CLS state
+    by default, or the mean or maximum over real tokens), then BERT's pooler and a classifier.
 
     Batches carry ``labels`` of shape (B,). Logs ``val/accuracy`` and ``val/f1`` (macro).
     """
@@ -189,10 +221,40 @@ class SequenceClassification(ClassificationObjective):
     head_class = SequenceHead
     head_kind = "sequence"
 
+    def __init__(
+        self,
+        encoder: Encoder | None = None,
+        pretrained: str | None = None,
+        num_labels: int = 2,
+        label_names: list[str] | None = None,
+        pooling: Pooling = "cls",
+        **kwargs: Any,
+    ) -> None:
+        """Configure sequence classification.
+
+        Args:
+            encoder: An encoder to fine-tune; takes precedence over ``pretrained``.
+            pretrained: A fillmask checkpoint or a transformers folder whose encoder to tune.
+            num_labels: Number of classes; ``fillmask finetune`` links it from the data.
+            label_names: The label of each class id; linked from the data.
+            pooling: What the classifier reads: ``cls`` (the first token's state: BERT's, and
+                what transformers' ``BertForSequenceClassification`` computes), ``mean`` or
+                ``max`` over the real tokens (as ModernBERT's ``classifier_pooling``). An MLM
+                never trains the CLS state, so small encoders pretrained without NSP usually
+                fine-tune better with ``mean``; such exports load with remote code.
+            **kwargs: Other options of :class:`ClassificationObjective` (dropout,
+                learning_rate, ...).
+        """
+        self._pooling = check_pooling(pooling)  # read by head_options during super().__init__
+        super().__init__(encoder, pretrained, num_labels, label_names, **kwargs)
+
+    def head_options(self) -> dict[str, Any]:
+        return {"pooling": self._pooling}
+
     def logits_and_targets(self, batch: dict[str, torch.Tensor]
                            ) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.encode(batch)  # (B, T, C)
-        return self.head(hidden[:, 0]), batch["labels"]  # (B, K), (B,)
+        return self.head(hidden, real_tokens(batch)), batch["labels"]  # (B, K), (B,)
 
 
 class TokenClassification(ClassificationObjective):

@@ -13,7 +13,7 @@ contrastively (SimCSE, Gao et al. 2021).
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,39 +22,12 @@ from torchmetrics import CatMetric
 
 from fillmask.architectures.base import Encoder
 from fillmask.errors import FillmaskError
+from fillmask.heads import POOLINGS, Pooling, check_pooling, pool
 from fillmask.objectives.base import Deliverable, EncoderObjective
 from fillmask.objectives.classify import resolve_encoder
 
 __all__ = ["POOLINGS", "Pooling", "SentenceEmbedding", "SentencePooling", "average_ranks",
            "info_nce", "pool", "sentence_transformers_files", "spearman"]
-
-Pooling = Literal["cls", "mean", "max"]
-POOLINGS: tuple[str, ...] = ("cls", "mean", "max")
-
-
-def check_pooling(pooling: str) -> str:
-    """``pooling`` when it is one of :data:`POOLINGS`, else a one-line error with the choices."""
-    if pooling not in POOLINGS:
-        raise FillmaskError(f"pooling {pooling!r} is unknown; use one of {', '.join(POOLINGS)}")
-    return pooling
-
-
-def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """Sentence vectors (B, C) from token states ``hidden`` (B, T, C) over the real tokens that
-    ``mask`` (B, T) marks: ``cls`` the first token's state (the batch is padded on the right),
-    ``mean`` the average of the real tokens' states, ``max`` their element-wise maximum.
-    Padding never contributes, so a padded row gives what the row alone gives."""
-    check_pooling(pooling)
-    if pooling == "cls":
-        return hidden[:, 0]  # (B, C)
-    real = mask.bool().unsqueeze(-1)  # (B, T, 1)
-    if pooling == "max":
-        lowest = torch.finfo(hidden.dtype).min
-        return hidden.masked_fill(~real, lowest).amax(dim=1)  # (B, C)
-    total = (hidden * real).sum(dim=1)  # (B, C)
-    count = real.sum(dim=1).clamp(min=1)  # (B, 1)
-    return total / count  # (B, C)
-
 
 def info_nce(anchors: torch.Tensor, positives: torch.Tensor, temperature: float,
              negatives: torch.Tensor | None = None) -> torch.Tensor:
@@ -215,7 +188,7 @@ class SentenceEmbedding(EncoderObjective):
     def deliverables(self) -> dict[str, Deliverable]:
         """The encoder alone (a transformers base model); the pooling leaves as the
         sentence-transformers files of :meth:`folder_files`."""
-        return {"": Deliverable(self.encoder, "base", self.pooler)}  # type: ignore[arg-type]
+        return {"": Deliverable(self.encoder, "base", self.pooler)}
 
     def folder_files(self) -> dict[str, str]:
         """Files ``fillmask export`` writes beside the encoder: the sentence-transformers

@@ -20,7 +20,7 @@ from torch import nn
 from fillmask.architectures.base import Encoder
 from fillmask.errors import FillmaskError
 from fillmask.metrics.squad import squad_scores
-from fillmask.objectives.base import EncoderObjective
+from fillmask.objectives.base import Deliverable, EncoderObjective
 from fillmask.objectives.classify import resolve_encoder
 
 __all__ = ["QuestionAnswering", "best_span", "decode_answers"]
@@ -143,6 +143,10 @@ class QuestionAnswering(EncoderObjective):
         self.qa_outputs = nn.Linear(self.encoder.hidden_size, 2)
         self._logits: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._losses: list[tuple[float, int]] = []
+
+    def deliverables(self) -> dict[str, Deliverable]:
+        """The encoder with its start/end Linear (``BertForQuestionAnswering`` natively)."""
+        return {"": Deliverable(self.encoder, "qa", self.qa_outputs)}
 
     def span_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Start and end logits (B, T) of a batch."""

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from fillmask.architectures.base import Encoder
+from fillmask.architectures.base import Encoder, real_tokens
 from fillmask.errors import FillmaskError
 from fillmask.metrics.ranking import ranking_metrics
 from fillmask.objectives.base import Deliverable, EncoderObjective
@@ -92,7 +92,7 @@ class CrossEncoder(EncoderObjective):
     def scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The relevance logit (N,) of each pair of a batch."""
         hidden = self.encode(batch)  # (N, T, C)
-        return self.head(hidden[:, 0]).squeeze(-1)  # (N,)
+        return self.head(hidden, real_tokens(batch)).squeeze(-1)  # (N,)
 
     def loss(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The configured loss of training groups: ``scores`` (N,) and ``labels`` (B, G)."""

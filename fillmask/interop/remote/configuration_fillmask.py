@@ -22,11 +22,13 @@ class FillmaskConfig(PretrainedConfig):
         backbone: dict[str, Any] | None = None,
         head_norm_eps: float = 1e-12,
         classifier_dropout: float = 0.1,
+        classifier_pooling: str = "cls",
         **kwargs: Any,
     ) -> None:
         self.backbone = dict(backbone or {"model_type": "fillmask-bert"})
         self.head_norm_eps = head_norm_eps
         self.classifier_dropout = classifier_dropout
+        self.classifier_pooling = classifier_pooling
         for key in ("vocab_size", "hidden_size", "embedding_size", "num_layers"):
             if key in self.backbone and key not in kwargs:
                 kwargs[key] = self.backbone[key]

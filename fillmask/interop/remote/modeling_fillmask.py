@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.modeling_outputs import (
     BaseModelOutput,
     MaskedLMOutput,
+    QuestionAnsweringModelOutput,
     SequenceClassifierOutput,
     TokenClassifierOutput,
 )
@@ -211,16 +212,28 @@ class ReplacedTokenHead(nn.Module):
 
 
 class SequenceHead(nn.Module):
-    """BERT's classifier: Linear -> tanh on the first token, dropout, Linear."""
+    """BERT's classifier on pooled states (``cls``: the first token; ``mean``/``max`` over real
+    tokens): Linear -> tanh, dropout, Linear."""
 
-    def __init__(self, hidden: int, labels: int, dropout: float) -> None:
+    def __init__(self, hidden: int, labels: int, dropout: float, pooling: str = "cls") -> None:
         super().__init__()
+        self.pooling = pooling
         self.pooler = nn.Linear(hidden, hidden)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(hidden, labels)
 
-    def forward(self, states: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.dropout(torch.tanh(self.pooler(states[:, 0]))))  # (B, K)
+    def pool(self, states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if self.pooling == "cls":
+            return states[:, 0]  # (B, C)
+        real = (torch.ones(states.shape[:2], dtype=torch.bool, device=states.device)
+                if mask is None else mask.bool()).unsqueeze(-1)  # (B, T, 1)
+        if self.pooling == "max":
+            return states.masked_fill(~real, torch.finfo(states.dtype).min).amax(dim=1)
+        return (states * real).sum(dim=1) / real.sum(dim=1).clamp(min=1)  # (B, C)
+
+    def forward(self, states: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        pooled = torch.tanh(self.pooler(self.pool(states, mask)))  # (B, C)
+        return self.classifier(self.dropout(pooled))  # (B, K)
 
 
 class TokenHead(nn.Module):
@@ -333,6 +346,9 @@ class Classifier(FillmaskPreTrainedModel):
     def build_head(self, config: FillmaskConfig) -> nn.Module:
         return self.head_class(self._width()[0], config.num_labels, config.classifier_dropout)
 
+    def logits(self, states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        return self.head(states)
+
     def loss(self, logits: torch.Tensor, labels: torch.Tensor,
              attention_mask: torch.Tensor | None) -> torch.Tensor:
         return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=-100)
@@ -341,7 +357,8 @@ class Classifier(FillmaskPreTrainedModel):
                 token_type_ids: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 **kwargs: Any) -> ModelOutput:
-        logits = self.head(self.encode(input_ids, attention_mask, token_type_ids, position_ids))
+        states = self.encode(input_ids, attention_mask, token_type_ids, position_ids)
+        logits = self.logits(states, attention_mask)
         loss = None if labels is None else self.loss(logits, labels, attention_mask)
         return self.output_class(loss=loss, logits=logits)
 
@@ -364,10 +381,18 @@ class FillmaskForPreTraining(Classifier):
 
 
 class FillmaskForSequenceClassification(Classifier):
-    """One label per text (pair), from the first token through BERT's pooler."""
+    """One label per text (pair): states pooled as ``config.classifier_pooling`` says, then
+    BERT's pooler."""
 
     head_class = SequenceHead
     output_class = SequenceClassifierOutput
+
+    def build_head(self, config: FillmaskConfig) -> nn.Module:
+        return SequenceHead(self._width()[0], config.num_labels, config.classifier_dropout,
+                            getattr(config, "classifier_pooling", "cls"))
+
+    def logits(self, states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        return self.head(states, attention_mask)
 
 
 class FillmaskForTokenClassification(Classifier):
@@ -375,3 +400,30 @@ class FillmaskForTokenClassification(Classifier):
 
     head_class = TokenHead
     output_class = TokenClassifierOutput
+
+
+class FillmaskForQuestionAnswering(FillmaskPreTrainedModel):
+    """Extractive question answering: a start and an end logit (B, T) per token from one Linear
+    (``qa_outputs`` in BERT); with ``start_positions`` and ``end_positions`` (B,), the mean of the
+    two cross-entropies (positions outside the sequence ignored, as transformers does)."""
+
+    def __init__(self, config: FillmaskConfig) -> None:
+        super().__init__(config)
+        self.head = nn.Linear(self._width()[0], 2)
+        self.post_init()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None,
+                start_positions: torch.Tensor | None = None,
+                end_positions: torch.Tensor | None = None,
+                **kwargs: Any) -> QuestionAnsweringModelOutput:
+        states = self.encode(input_ids, attention_mask, token_type_ids, position_ids)
+        start, end = self.head(states).unbind(-1)  # (B, T), (B, T)
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            width = start.shape[1]
+            loss = (F.cross_entropy(start, start_positions.clamp(0, width), ignore_index=width)
+                    + F.cross_entropy(end, end_positions.clamp(0, width), ignore_index=width)) / 2
+        return QuestionAnsweringModelOutput(loss=loss, start_logits=start.contiguous(),
+                                            end_logits=end.contiguous())
