@@ -113,8 +113,8 @@ class ClassificationObjective(EncoderObjective):
             warmup_steps: Linear warm-up: a fraction (< 1) of all steps, or a step count.
             layer_decay: Layer-wise learning-rate decay: the classifier trains at
                 ``learning_rate``, each encoder block at ``layer_decay`` times the rate of the
-                block above, the embeddings slowest (ELECTRA fine-tunes with 0.8, DeBERTa-v3
-                with 0.75 to 0.9). 1.0: one rate for all.
+                block above, the embeddings slowest (ELECTRA fine-tunes its base models with
+                0.8, its large one with 0.9). 1.0: one rate for all.
             **kwargs: Other optimisation options of :class:`EncoderObjective` (weight_decay,
                 schedule, ...).
         """
