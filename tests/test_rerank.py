@@ -293,3 +293,22 @@ def test_finetune_config_parses(capsys):
     assert exit_info.value.code in (0, None)
     out = capsys.readouterr().out
     assert "fillmask.objectives.rerank.CrossEncoder" in out and "validation_run:" in out
+
+
+def test_group_sampler_under_lightnings_distributed_wrapper_follows_the_epoch():
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
+    from fillmask.data.ranking import GroupSampler
+
+    def shard(rank: int, epoch: int) -> list[tuple[int, int]]:
+        wrapper = DistributedSamplerWrapper(GroupSampler(10, seed=3), num_replicas=2,
+                                            rank=rank, shuffle=False)
+        wrapper.set_epoch(epoch)  # what Lightning's fit loop calls before each epoch
+        return list(wrapper)
+
+    for epoch in (0, 1):
+        zero, one = shard(0, epoch), shard(1, epoch)
+        assert {e for _, e in zero + one} == {epoch}  # negatives are drawn for this epoch
+        assert sorted(p for p, _ in zero + one) == list(range(10))  # each query once
+        assert not {p for p, _ in zero} & {p for p, _ in one}
+    assert [p for p, _ in shard(0, 0)] != [p for p, _ in shard(0, 1)]  # reshuffled per epoch
