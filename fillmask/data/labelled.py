@@ -182,14 +182,13 @@ class LabelledDataModule(L.LightningDataModule):
             raise LabelledDataError("give the labelled data as data.train_file (a file) or as "
                                     "data.dataset (a datasets name or saved folder), not both "
                                     "or neither")
-        self.files = {"train": train_file, "validation": validation_file, "test": test_file}
         self.dataset = dataset
         self.dataset_config = dataset_config
-        if dataset is not None:  # how messages name each split
-            self.files = {name: split and f"{dataset}[{split}]" for name, split in
-                          (("train", train_split), ("validation", validation_split),
-                           ("test", test_split))}
         self.splits = {"train": train_split, "validation": validation_split, "test": test_split}
+        # What messages name each split by: its file, or the dataset's split as name[split].
+        self.files = ({"train": train_file, "validation": validation_file, "test": test_file}
+                      if dataset is None else {name: split and f"{dataset}[{split}]"
+                                               for name, split in self.splits.items()})
         self.task = task
         self.text_column = text_column
         self.text_pair_column = text_pair_column

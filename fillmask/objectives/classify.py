@@ -240,16 +240,15 @@ class SequenceClassification(ClassificationObjective):
             pooling: What the classifier reads: ``cls`` (the first token's state: BERT's, and
                 what transformers' ``BertForSequenceClassification`` computes), ``mean`` or
                 ``max`` over the real tokens (as ModernBERT's ``classifier_pooling``). An MLM
-                never trains the CLS state, so small encoders pretrained without NSP usually
-                fine-tune better with ``mean``; such exports load with remote code.
+                never trains the CLS state; ``mean`` reads every token's. Mean- and max-pooled
+                exports load with remote code.
             **kwargs: Other options of :class:`ClassificationObjective` (dropout,
                 learning_rate, ...).
         """
-        self._pooling = check_pooling(pooling)  # read by head_options during super().__init__
         super().__init__(encoder, pretrained, num_labels, label_names, **kwargs)
 
     def head_options(self) -> dict[str, Any]:
-        return {"pooling": self._pooling}
+        return {"pooling": self.hparams.pooling}  # saved before the base class builds the head
 
     def logits_and_targets(self, batch: dict[str, torch.Tensor]
                            ) -> tuple[torch.Tensor, torch.Tensor]:
