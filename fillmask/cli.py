@@ -195,6 +195,12 @@ def data_main(argv: list[str]) -> int:
     return run(argv)
 
 
+def merge_main(argv: list[str]) -> int:
+    from fillmask.merging import merge_main as run
+
+    return run(argv)
+
+
 def export_main(argv: list[str]) -> int:
     from fillmask.interop.export import export_main as run
 
@@ -204,7 +210,7 @@ def export_main(argv: list[str]) -> int:
 SUBCOMMANDS = {"fill": fill_main, "tokenizer": tokenizer_main, "plugins": plugins_main,
                "inspect": inspect_main, "finetune": finetune_main, "export": export_main,
                "score": score_main, "data": data_main, "embed": embed_main,
-               "probe": probe_main, "evaluate": evaluate_main}
+               "probe": probe_main, "evaluate": evaluate_main, "merge": merge_main}
 """Commands of their own; the LightningCLI ones (fit, validate, ...) run in fillmask.fit."""
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
@@ -228,6 +234,7 @@ using a model (a checkpoint or a folder written by export):
   embed      sentence embeddings of a file's lines, as a .npy matrix
   probe      cloze probing of facts (LAMA): precision at 1 and 10 per relation
   export     write a checkpoint as a transformers folder
+  merge      average checkpoints (mean) or TIES-merge them into one checkpoint
 
 data and components:
   data       prepare (tokenise, pack and cache) or shard a run's corpus

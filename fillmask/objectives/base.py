@@ -36,6 +36,7 @@ from fillmask.checkpoint_file import (  # noqa: F401  (CheckpointError: importer
 from fillmask.errors import FillmaskError
 
 Schedule = Literal["linear", "cosine", "constant", "wsd"]
+Optimizer = Literal["adamw", "stableadamw"]
 
 
 @dataclass
@@ -66,6 +67,7 @@ class EncoderObjective(L.LightningModule):
         decoupled_weight_decay: bool = False,
         fused_adamw: bool = True,
         compile: bool = False,
+        optimizer: Optimizer = "adamw",
     ) -> None:
         """Configure optimisation.
 
@@ -95,6 +97,11 @@ class EncoderObjective(L.LightningModule):
             compile: Compile the encoder with ``torch.compile`` (fuses the element-wise work
                 around the matmuls; the first steps pay the compilation, and on CPU it needs a
                 C++ compiler). The same model and checkpoints as eager execution.
+            optimizer: ``adamw`` (PyTorch's) or ``stableadamw`` (torch-optimi's StableAdamW,
+                ModernBERT's optimiser: AdamW whose step on each tensor is scaled down by the
+                root mean square of ``grad**2 / v`` when it exceeds 1, Adafactor's update
+                clipping). Both take the same betas, eps, weight decay (decoupled or not) and
+                parameter groups (no decay on norms and biases).
         """
         super().__init__()
         self.save_hyperparameters(ignore=["encoder"])
@@ -115,10 +122,9 @@ class EncoderObjective(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        groups = self._parameter_groups()
-        fused = hp.get("fused_adamw", True) and fused_adamw_supports(groups)
-        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas),
-                                      eps=hp.eps, fused=fused or None)
+        optimizer = build_optimizer(self._parameter_groups(), hp.get("optimizer", "adamw"),
+                                    lr=hp.learning_rate, betas=tuple(hp.betas), eps=hp.eps,
+                                    fused=hp.get("fused_adamw", True))
         total = hp.total_steps or max(1, int(self.trainer.estimated_stepping_batches))
         warmup = hp.warmup_steps
         warmup = int(warmup * total) if isinstance(warmup, float) and warmup < 1 else int(warmup)
@@ -234,6 +240,25 @@ def check_compiler(device: torch.device) -> None:
             f"model.init_args.compile: true on a CPU needs a C++ compiler, and none of "
             f"{', '.join(candidates)} is on PATH; install one (apt install g++) or set "
             "compile: false")
+
+
+def build_optimizer(groups: list[dict[str, Any]], name: Optimizer, lr: float,
+                    betas: tuple[float, float], eps: float,
+                    fused: bool = True) -> torch.optim.Optimizer:
+    """The optimiser ``name`` over ``groups`` (each group's ``weight_decay`` and ``lr``, when
+    set, are its own). Both apply weight decay as ``param *= 1 - lr x weight_decay``, decoupled
+    from the gradient; :meth:`EncoderObjective._parameter_groups` has already divided it by the
+    peak rate when ``decoupled_weight_decay`` is on."""
+    if name == "stableadamw":
+        from optimi import StableAdamW
+
+        # decouple_lr stays off: the groups' weight decay is already expressed per unit of lr.
+        return StableAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=0.0)
+    if name != "adamw":
+        raise MismatchError(f"model.init_args.optimizer={name!r} is not an optimiser fillmask "
+                            "knows; choose adamw or stableadamw")
+    fused = fused and fused_adamw_supports(groups)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 
 def fused_adamw_supports(groups: list[dict[str, Any]]) -> bool:
