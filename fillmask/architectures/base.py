@@ -38,6 +38,10 @@ class Encoder(nn.Module):
     defines. None: the encoder neither exports nor imports."""
     transformers_model_types: ClassVar[tuple[str, ...]] = ()
     """The transformers ``model_type`` values its mapping's ``from_transformers`` imports."""
+    phase_options: ClassVar[tuple[str, ...]] = ()
+    """Constructor arguments that may change during training without new weights (ModernBERT's
+    rotary bases at its context extension): a phase of :class:`fillmask.phases.Phases` sets
+    them with :meth:`set_options`. Each must be an attribute that ``forward`` reads."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -64,6 +68,18 @@ class Encoder(nn.Module):
             "class_path": f"{cls.__module__}.{cls.__qualname__}",
             "init_args": dict(getattr(self, "_init_args", {})),
         }
+
+    def set_options(self, **options: Any) -> None:
+        """Change some :attr:`phase_options` in place; :meth:`spec` (and so checkpoints and
+        exports) records the new values."""
+        unknown = sorted(set(options) - set(self.phase_options))
+        if unknown:
+            allowed = ", ".join(self.phase_options) or "none"
+            raise ValueError(f"{type(self).__name__} cannot change {', '.join(unknown)} during "
+                             f"training (options a phase may change: {allowed})")
+        for name, value in options.items():
+            setattr(self, name, value)
+            self._init_args[name] = value
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> Encoder:

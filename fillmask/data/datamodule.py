@@ -3,6 +3,7 @@ batches."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Iterator
 from functools import cached_property
@@ -23,6 +24,7 @@ from fillmask.data.collate import MaskingCollator
 from fillmask.data.corpus import EncodingErrors, SampleBy, load_corpus
 from fillmask.data.mixture import CorpusSource, MixtureSampler, mixture_probabilities
 from fillmask.data.packing import ChunkPacking, Packing, pack_corpus, packing_efficiency
+from fillmask.data.phasing import DataPhase, PhaseSampler
 from fillmask.data.tokenize import (
     SpecialTokens,
     TokenizerTraining,
@@ -346,6 +348,8 @@ class MaskedLMDataModule(TokenizedData, L.LightningDataModule):
         self._text: list[datasets.DatasetDict] | None = None
         self.samples: dict[str, datasets.Dataset] | None = None
         self.corpus_sizes: list[int] = []
+        self.phases: list[DataPhase] | None = None
+        self._phase_samples: dict[str, tuple[datasets.Dataset, list[int]]] = {}
 
     # Corpora and the tokenizer (resolved on first use: the CLI needs the vocabulary size).
 
@@ -488,6 +492,8 @@ class MaskedLMDataModule(TokenizedData, L.LightningDataModule):
         )
 
     def train_dataloader(self) -> EpochLoader:
+        if self.phases:
+            return self._phase_loader(self._current_phase())
         loader = self._loader("train", train=True)
         if loader.processes > 1:
             w = loader.processes
@@ -495,6 +501,68 @@ class MaskedLMDataModule(TokenizedData, L.LightningDataModule):
                            f"samples r, r + {w}, ... of its order): {len(loader)} batches of "
                            f"{self.batch_size} per process")
         return loader
+
+    # Phases (fillmask.phases.Phases): each phase is one epoch with its own data settings.
+
+    def set_phases(self, phases: list[DataPhase] | None) -> None:
+        """Train in ``phases`` (one epoch each) from now on; None: the module's own settings."""
+        self.phases = list(phases) if phases else None
+
+    def _current_phase(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        epoch = trainer.current_epoch if trainer is not None else 0
+        assert self.phases is not None
+        return min(epoch, len(self.phases) - 1)
+
+    def phase_samples(self, phase: DataPhase) -> tuple[datasets.Dataset, list[int]]:
+        """The training samples packed at ``phase``'s length and packing, and each corpus's
+        share (packed once per setting; `datasets` caches them on disk too)."""
+        key = f"{phase.max_length}-{phase.packing.fingerprint()}"
+        if key not in self._phase_samples:
+            packed = [pack_corpus(text, self.tokenizer, self.special_tokens, phase.max_length,
+                                  phase.packing, self.seed)["train"]
+                      for text in self._load_text()]
+            self._phase_samples[key] = (datasets.concatenate_datasets(packed),
+                                        [len(p) for p in packed])
+        return self._phase_samples[key]
+
+    def _phase_loader(self, index: int) -> EpochLoader:
+        assert self.phases is not None
+        phase = self.phases[index]
+        samples, sizes = self.phase_samples(phase)
+        if len(samples) == 0:
+            raise ValueError(f"phase {index + 1}: corpus {self._corpus_specs!r} gives no sample "
+                             f"of max_length={phase.max_length} tokens; lower it or add text")
+        source, span = self._phase_order(phase, sizes)
+        processes, rank = self.data_parallel()
+        masking = copy.copy(self.masking)
+        masking.rate = phase.mask_rate
+        collator = MaskingCollator(
+            masking, self.vocab_info, self.seed, True, self.pad_to_multiple_of,
+            static=self.masking_mode == "static", duplication_factor=self.duplication_factor)
+        return EpochLoader(
+            BlockDataset(samples), batch_size=phase.batch_size,
+            sampler=PhaseSampler(source, phase.samples, phase.phase, max(1, span), phase.skip,
+                                 processes, rank),
+            collate_fn=collator, num_workers=self.num_workers,
+            persistent_workers=False, pin_memory=torch.cuda.is_available(), drop_last=True,
+            generator=torch.Generator().manual_seed(derive_seed(self.seed, 1, phase.phase)))
+
+    def _phase_order(self, phase: DataPhase, sizes: list[int]) -> tuple[Any, int]:
+        """The global order a phase's passes follow, and the span of one pass's sample ids: a
+        shuffle of all samples, or a mixture drawn from the phase's corpora and weights."""
+        if len(self.sources) == 1:
+            return EpochSampler(sum(sizes), self.seed, shuffle=True), sum(sizes)
+        active = set(range(len(sizes)) if phase.corpora is None else phase.corpora)
+        weights = list(phase.mixture_weights or [s.weight for s in self.sources])
+        if any(w is not None for w in weights):  # explicit weights: the others get none
+            weights = [w if i in active else 0.0 for i, w in enumerate(weights)]
+        drawn = [n if i in active else 0 for i, n in enumerate(sizes)]  # alpha over the active
+        order = MixtureSampler(sizes, mixture_probabilities(drawn, weights, phase.mixture_alpha),
+                               self.seed)
+        repeats = max(-(-int(q) // n) if n else 1 for q, n in zip(order.quotas, sizes,
+                                                                  strict=True))
+        return order, order.total * repeats
 
     def val_dataloader(self) -> EpochLoader:
         return self._loader("validation", train=False)

@@ -12,6 +12,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -107,6 +108,11 @@ class EncoderObjective(L.LightningModule):
         self.save_hyperparameters(ignore=["encoder"])
         self.encoder = encoder
         self._step_tokens: torch.Tensor | int = 0  # real tokens since the last optimiser step
+        # Set by fillmask.phases.Phases: the phased run's learning-rate multiplier per step
+        # (None: warm-up then `schedule`), and the encoder options its phases change.
+        self.phased = False
+        self.phase_schedule: Callable[[int], float] | None = None
+        self.phased_options: set[str] = set()
 
     def deliverables(self) -> dict[str, Deliverable]:
         """What this objective hands downstream, by export subfolder (``""``: the folder
@@ -128,7 +134,8 @@ class EncoderObjective(L.LightningModule):
         total = hp.total_steps or max(1, int(self.trainer.estimated_stepping_batches))
         warmup = hp.warmup_steps
         warmup = int(warmup * total) if isinstance(warmup, float) and warmup < 1 else int(warmup)
-        scale = warmup_then_decay(warmup, total, hp.schedule, hp.min_lr_ratio, hp.decay_fraction)
+        scale = self.phase_schedule or warmup_then_decay(warmup, total, hp.schedule,
+                                                         hp.min_lr_ratio, hp.decay_fraction)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, scale)
         schedule = {"scheduler": scheduler, "interval": "step"}
         return {"optimizer": optimizer, "lr_scheduler": schedule}
@@ -154,7 +161,8 @@ class EncoderObjective(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._step_tokens = 0
-        log_global_batch_size(self.trainer)
+        if not self.phased:  # a phased run logs each phase's global batch when it starts
+            log_global_batch_size(self.trainer)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_tokens = self._step_tokens + count_real_tokens(batch)
@@ -459,9 +467,11 @@ def check_compatible(checkpoint: dict[str, Any], model: EncoderObjective) -> Non
         raise MismatchError(f"the checkpoint holds a {saved.get('class_path')} encoder but this "
                             f"run builds a {ours['class_path']}; resume with the config that "
                             "wrote the checkpoint, or start a new run without --ckpt_path")
+    phased = getattr(model, "phased_options", set())  # a phase sets them again on resume
     differing = sorted(key for key, value in saved.get("init_args", {}).items()
                        if key in ours["init_args"] and ours["init_args"][key] != value
-                       and "dropout" not in key)  # regularisation may change between runs
+                       and "dropout" not in key  # regularisation may change between runs
+                       and key not in phased)
     if differing:
         key = differing[0]
         raise MismatchError(

@@ -267,6 +267,8 @@ class ModernBertEncoder(Encoder):
     variants = {"modernbert": {}, "all-global": {"global_every": 1}}
     transformers_mapping = "fillmask_modernbert.hf"  # config and weights both ways
     transformers_model_types = ("modernbert",)
+    # Read by every forward, so a phase may change them (the context extension's RoPE bases).
+    phase_options = ("global_rope_theta", "local_rope_theta", "local_window")
 
     def __init__(
         self,
