@@ -301,3 +301,20 @@ def test_two_processes_share_each_phase_without_overlap(tmp_path):
     for phase in (0, 1):
         ids = [{i for r in rank if r["epoch"] == phase for i in r["ids"]} for rank in ranks]
         assert not ids[0] & ids[1] and len(ids[0]) == len(ids[1])
+
+
+def test_each_part_logs_its_phase_and_global_batch(small_corpus, tmp_path):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    dm, model = build(small_corpus)
+    trainer = L.Trainer(max_steps=1000, logger=CSVLogger(tmp_path, name="csv", version=""),
+                        enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, num_sanity_val_steps=0, enable_checkpointing=False,
+                        log_every_n_steps=1, callbacks=[Phases(ramped() + two_phases()[1:])])
+    trainer.fit(model, datamodule=dm)
+    with open(tmp_path / "csv" / "metrics.csv", newline="") as file:
+        rows = [r for r in csv.DictReader(file) if r.get("train/global_batch_size")]
+    assert [(float(r["train/phase"]), float(r["train/global_batch_size"])) for r in rows] == \
+        [(1, 16), (1, 32), (1, 48), (2, 16)]  # the ramp's three parts, then phase 2 (8 x 2)
