@@ -36,7 +36,7 @@ def reference_run() -> tuple[list[float], MaskedLM]:
     groups = optimi.param_groups_weight_decay(model, weight_decay=OPTIONS["weight_decay"])
     peak = OPTIONS["learning_rate"]
     optimizer = optimi.StableAdamW(groups, lr=peak, betas=OPTIONS["betas"], eps=OPTIONS["eps"],
-                                   decouple_lr=True, max_lr=peak)
+                                   decouple_lr=True, max_lr=peak, triton=False)  # CPU
     scale = warmup_then_decay(OPTIONS["warmup_steps"], OPTIONS["total_steps"], "linear", 0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, scale)
     losses = []

@@ -261,7 +261,11 @@ def build_optimizer(groups: list[dict[str, Any]], name: Optimizer, lr: float,
         from optimi import StableAdamW
 
         # decouple_lr stays off: the groups' weight decay is already expressed per unit of lr.
-        return StableAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=0.0)
+        # Its Triton kernel is for CUDA tensors: with triton installed (CUDA builds of torch
+        # ship it) its default would pick the kernel for CPU parameters too, and fail.
+        on_cuda = all(p.is_cuda for group in groups for p in group["params"])
+        return StableAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=0.0,
+                           triton=None if on_cuda else False)
     if name != "adamw":
         raise MismatchError(f"model.init_args.optimizer={name!r} is not an optimiser fillmask "
                             "knows; choose adamw or stableadamw")
