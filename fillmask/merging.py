@@ -150,7 +150,7 @@ def merge_checkpoints(paths: Sequence[str], output: str | Path, method: Method =
     sources = [*paths, base] if base else list(paths)
     if output.resolve() in {Path(p).expanduser().resolve() for p in sources}:
         raise MergeError(f"--output {output} is one of the inputs; write the merge elsewhere")
-    merge_weights(len(paths), weights)  # the cheap checks before reading any weights
+    mix = merge_weights(len(paths), weights)  # the cheap checks before reading any weights
     checkpoints = [read_checkpoint(path) for path in paths]
     base_ckpt = read_checkpoint(base) if base else None
     check_mergeable([*checkpoints, base_ckpt] if base_ckpt else checkpoints, sources)
@@ -161,7 +161,7 @@ def merge_checkpoints(paths: Sequence[str], output: str | Path, method: Method =
     merged["state_dict"] = merged_state
     merged["fillmask"] = {**checkpoints[0]["fillmask"], "merged": {
         "method": method, "checkpoints": [str(p) for p in paths], "base": base,
-        "weights": merge_weights(len(paths), weights).tolist(), "density": density}}
+        "weights": mix.tolist(), "density": density}}
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(output.name + ".partial")
     torch.save(merged, partial)

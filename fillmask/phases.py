@@ -317,12 +317,10 @@ class Phases(L.Callback):
         encoder = pl_module.encoder
         limit = getattr(encoder, "max_positions", None)
         for p in self.planned:
-            unknown = sorted(set(p.encoder) - set(type(encoder).phase_options))
-            if unknown:
-                allowed = ", ".join(type(encoder).phase_options) or "none"
-                raise PhaseError(f"{p.name}: {type(encoder).__name__} cannot change "
-                                 f"{', '.join(unknown)} during training (options a phase may "
-                                 f"change: {allowed})")
+            try:
+                encoder.check_phase_options(p.encoder)
+            except ValueError as error:
+                raise PhaseError(f"{p.name}: {error}") from None
             if limit is not None and p.data.max_length > limit:
                 raise PhaseError(f"{p.name}: max_length={p.data.max_length} exceeds the "
                                  f"encoder's max_positions={limit}; build the encoder with "

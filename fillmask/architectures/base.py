@@ -72,14 +72,19 @@ class Encoder(nn.Module):
     def set_options(self, **options: Any) -> None:
         """Change some :attr:`phase_options` in place; :meth:`spec` (and so checkpoints and
         exports) records the new values."""
-        unknown = sorted(set(options) - set(self.phase_options))
-        if unknown:
-            allowed = ", ".join(self.phase_options) or "none"
-            raise ValueError(f"{type(self).__name__} cannot change {', '.join(unknown)} during "
-                             f"training (options a phase may change: {allowed})")
+        self.check_phase_options(options)
         for name, value in options.items():
             setattr(self, name, value)
             self._init_args[name] = value
+
+    @classmethod
+    def check_phase_options(cls, names: Any) -> None:
+        """A ``ValueError`` naming the options in ``names`` that are not :attr:`phase_options`."""
+        unknown = sorted(set(names) - set(cls.phase_options))
+        if unknown:
+            allowed = ", ".join(cls.phase_options) or "none"
+            raise ValueError(f"{cls.__name__} cannot change {', '.join(unknown)} during "
+                             f"training (options a phase may change: {allowed})")
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> Encoder:

@@ -236,10 +236,12 @@ class TokenizedData:
         self.masking_mode = masking_mode
         self.duplication_factor = duplication_factor
 
-    def masking_collator(self, train: bool, keep_word_ids: bool = False) -> MaskingCollator:
-        """The collator that pads and masks this module's samples."""
+    def masking_collator(self, train: bool, keep_word_ids: bool = False,
+                         masking: Masking | None = None) -> MaskingCollator:
+        """The collator that pads and masks this module's samples (with ``masking``, e.g. a
+        phase's copy at its own rate, instead of the module's)."""
         return MaskingCollator(
-            self.masking, self.vocab_info, self.seed, train, self.pad_to_multiple_of,
+            masking or self.masking, self.vocab_info, self.seed, train, self.pad_to_multiple_of,
             static=self.masking_mode == "static", duplication_factor=self.duplication_factor,
             keep_word_ids=keep_word_ids,
         )
@@ -537,9 +539,7 @@ class MaskedLMDataModule(TokenizedData, L.LightningDataModule):
         processes, rank = self.data_parallel()
         masking = copy.copy(self.masking)
         masking.rate = phase.mask_rate
-        collator = MaskingCollator(
-            masking, self.vocab_info, self.seed, True, self.pad_to_multiple_of,
-            static=self.masking_mode == "static", duplication_factor=self.duplication_factor)
+        collator = self.masking_collator(train=True, masking=masking)
         return EpochLoader(
             BlockDataset(samples), batch_size=phase.batch_size,
             sampler=PhaseSampler(source, phase.samples, phase.phase, max(1, span), phase.skip,
