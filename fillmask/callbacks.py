@@ -168,6 +168,10 @@ class ProgressBar(RichProgressBar):
 
 
     def _get_train_description(self, current_epoch: int) -> str:
+        # A phased run's epochs are its phases: name the phase (fillmask.phases sets the label).
+        phase = getattr(self.trainer.lightning_module, "phase_label", None)
+        if phase is not None:
+            return f"{phase:{len(self.validation_description)}}"
         # Lightning's reads "Epoch 21/-2" when the run is bounded by max_steps (max_epochs -1).
         if self.trainer.max_epochs is None or self.trainer.max_epochs < 0:
             description = f"Epoch {current_epoch}"

@@ -1,9 +1,10 @@
 """Phased pretraining declared once: ModernBERT's and mmBERT's schedules as one ``fillmask fit``.
 
-``Phases`` is a callback that lists the run's phases, each with its length (training tokens or
-optimiser steps) and what changes at its start: the sequence length and packing, the masking
-rate, the mixture temperature or weights, encoder options that need no new weights (rotary
-bases), the per-device batch size and gradient accumulation, and the learning-rate segment.
+``Phases`` is a callback that lists the run's phases, each with its length (training tokens,
+optimiser steps, or a share of ``trainer.max_steps``) and what changes at its start: the
+sequence length and packing, the masking rate, the mixture temperature or weights, encoder
+options that need no new weights (rotary bases), the per-device batch size and gradient
+accumulation, and the learning-rate segment.
 Anything a phase leaves out stays as the phase before set it (the first inherits the YAML's
 ``data`` and ``trainer`` settings).
 
@@ -17,7 +18,7 @@ shuffled and masked from (seed, phase, pass).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import lightning as L
@@ -60,6 +61,10 @@ class Phase:
     """Length in training tokens (sequences x max_length), as the papers count them."""
     steps: int | None = None
     """Length in optimiser steps (instead of ``tokens``)."""
+    share: float | None = None
+    """Length as a share of ``trainer.max_steps`` (instead of ``tokens`` or ``steps``), as a
+    warm-up-stable-decay run states its decay: shares of 0.75 and 0.25 split the run 3:1 at
+    any ``max_steps``."""
     name: str | None = None
     max_length: int | None = None
     packing: Packing | None = None
@@ -122,12 +127,14 @@ class PlannedPhase:
         return self.global_batch * self.data.max_length
 
 
-def plan(phases: list[Phase], datamodule: Any, accumulate: int, processes: int
-         ) -> list[PlannedPhase]:
+def plan(phases: list[Phase], datamodule: Any, accumulate: int, processes: int,
+         max_steps: int = -1) -> list[PlannedPhase]:
     """Resolve ``phases`` against the data module's settings (inherited phase by phase), each
-    split into the parts of its batch ramp if it has one."""
+    split into the parts of its batch ramp if it has one; ``max_steps`` is the trainer's (for
+    lengths given as a ``share``)."""
     if not phases:
         raise PhaseError("Phases needs at least one phase")
+    phases = shares_to_steps(phases, max_steps)
     current: dict[str, Any] = dict(
         max_length=datamodule.max_length, packing=datamodule.packing,
         mask_rate=datamodule.masking.rate, batch_size=datamodule.batch_size,
@@ -160,6 +167,27 @@ def plan(phases: list[Phase], datamodule: Any, accumulate: int, processes: int
                                             **settings)))
             skip += samples * processes
     return planned
+
+
+def shares_to_steps(phases: list[Phase], max_steps: int) -> list[Phase]:
+    """``phases`` with each ``share`` replaced by its steps of ``max_steps``: a phase ends at
+    the rounded step of its shares so far, so shares adding up to 1 fill ``max_steps``."""
+    resolved, before = [], 0.0
+    for index, phase in enumerate(phases):
+        if phase.share is None or phase.tokens is not None or phase.steps is not None:
+            resolved.append(phase)  # check_phase names what is wrong with it
+            continue
+        label = f"phase {index + 1}" + (f" ({phase.name})" if phase.name else "")
+        if max_steps < 1:
+            raise PhaseError(f"{label}: share={phase.share:g} is a share of trainer.max_steps, "
+                             "which is not set; set it or give the length as tokens or steps")
+        steps = round((before + phase.share) * max_steps) - round(before * max_steps)
+        if not 0.0 < phase.share <= 1.0 or steps < 1:
+            raise PhaseError(f"{label}: share={phase.share:g} of trainer.max_steps={max_steps} "
+                             "must be in (0, 1] and at least one step")
+        before += phase.share
+        resolved.append(replace(phase, share=None, steps=steps))
+    return resolved
 
 
 def parts(phase: Phase, current: dict[str, Any], processes: int, label: str
@@ -201,8 +229,8 @@ def corpus_indices(names: list[str] | None, sources: list[Any], label: str
 
 def check_phase(phase: Phase, current: dict[str, Any], label: str, corpora: int) -> None:
     """One line naming the phase and option that cannot work."""
-    if (phase.tokens is None) == (phase.steps is None):
-        raise PhaseError(f"{label}: give its length as tokens or as steps (exactly one)")
+    if [phase.tokens, phase.steps, phase.share].count(None) != 2:
+        raise PhaseError(f"{label}: give its length as tokens, steps or share (exactly one)")
     if (phase.tokens is not None and phase.tokens <= 0) or (phase.steps is not None
                                                              and phase.steps < 1):
         raise PhaseError(f"{label}: its length must be positive")
@@ -282,7 +310,8 @@ class Phases(L.Callback):
 
     def __init__(self, phases: list[Phase]) -> None:
         """Args:
-            phases: The run's phases in order; their lengths add up to the run's ``max_steps``.
+            phases: The run's phases in order; their lengths add up to the run's ``max_steps``
+                (set from them, or, with lengths given as a ``share``, split among them).
         """
         self.phases = list(phases)
         self.planned: list[PlannedPhase] = []
@@ -296,7 +325,7 @@ class Phases(L.Callback):
             raise PhaseError(f"Phases need a data module that trains in phases "
                              f"(MaskedLMDataModule); {type(datamodule).__name__} does not")
         self.planned = plan(self.phases, datamodule, trainer.accumulate_grad_batches,
-                            data_parallel_processes(trainer))
+                            data_parallel_processes(trainer), trainer.max_steps)
         self._check_model(pl_module)
         datamodule.set_phases([p.data for p in self.planned])
         if any(p.lr is not None for p in self.phases):
@@ -304,6 +333,10 @@ class Phases(L.Callback):
         pl_module.phased = True
         pl_module.phased_options = {k for p in self.planned for k in p.encoder}
         total = sum(p.steps for p in self.planned)
+        if trainer.max_steps not in (-1, total):
+            raise PhaseError(f"trainer.max_steps={trainer.max_steps} disagrees with the phases, "
+                             f"which add up to {total} steps: leave max_steps out (the phases "
+                             "set it), or give the phases' lengths as a share of it")
         trainer.fit_loop.epoch_loop.max_steps = total
         # Epochs unbounded (max_steps ends the run): Lightning then never builds a loader
         # early to estimate the run's length, before a resumed run's loop state is restored.
@@ -342,6 +375,7 @@ class Phases(L.Callback):
         """Apply the current phase's model-side settings (idempotent; logged once)."""
         phase = self.current(trainer)
         trainer.accumulate_grad_batches = phase.accumulate
+        pl_module.phase_label = f"{phase.name} ({phase.phase + 1}/{len(self.phases)})"  # the bar's
         if phase.encoder:
             pl_module.encoder.set_options(**phase.encoder)
         if self._applied != phase.index:
@@ -364,8 +398,8 @@ class Phases(L.Callback):
         saved, ours = list(state_dict.get("steps", [])), [p.steps for p in self.planned]
         if ours and saved != ours:
             raise PhaseError(f"the checkpoint was written by a run of {len(saved)} phases of "
-                             f"{saved} steps, this run plans {ours}; resume with the phases "
-                             "and batch settings that wrote it")
+                             f"{saved} steps, this run plans {ours}; resume with the phases, "
+                             "batch settings and trainer.max_steps that wrote it")
 
 
 __all__ = ["BatchRamp", "LearningRate", "Phase", "PhaseError", "PhaseSchedule", "Phases",

@@ -109,11 +109,31 @@ def test_the_quickstart_model_leaves_fillmask_and_fills_masks_the_same(quickstar
     assert theirs["model_max_length"] == 64 and theirs["mask"] == "[MASK]"
 
 
-def test_fit_again_with_ckpt_path_last_resumes(quickstart_run):
-    fillmask(*short_quickstart(30), "--ckpt_path", "last", cwd=quickstart_run.parents[1])
-    ckpt = torch.load(quickstart_run / "checkpoints" / "last.ckpt", map_location="cpu",
-                      weights_only=False)
-    assert ckpt["global_step"] == 30
+def test_a_preempted_quickstart_resumes_in_its_phase_with_ckpt_path_last(tmp_path):
+    """The phases split 12 steps 9 + 3; SIGTERM after step 10 stops the run in its decay."""
+    stop = '{"class_path": "reliability_helpers.SignalAt", "init_args": {"step": 10}}'
+    env = {"PYTHONPATH": str(ROOT / "tests")}
+    first = fillmask(*short_quickstart(12), f"--trainer.callbacks+={stop}", cwd=tmp_path,
+                     env=env, check=False)
+    assert first.returncode == 75, first.stderr[-3000:]
+    assert "stable (phase 1/2) from step 0: 9 steps" in first.stderr
+    second = fillmask(*short_quickstart(12), "--ckpt_path", "last", cwd=tmp_path, env=env)
+    assert "decay (phase 2/2) from step 9: 3 steps" in second.stderr
+    assert "stable (phase 1/2)" not in second.stderr
+    ckpt = torch.load(tmp_path / "runs" / "quickstart" / "checkpoints" / "last.ckpt",
+                      map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 12
+
+
+def test_resuming_with_another_max_steps_is_refused_and_nothing_is_lost(quickstart_run):
+    checkpoints = quickstart_run / "checkpoints"
+    before = {f.name: f.read_bytes() for f in checkpoints.glob("*.ckpt")}
+    result = fillmask(*short_quickstart(30), "--ckpt_path", "last",
+                      cwd=quickstart_run.parents[1], check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "phases of [15, 5] steps, this run plans [22, 8]" in result.stderr
+    assert "trainer.max_steps" in result.stderr
+    assert {f.name: f.read_bytes() for f in checkpoints.glob("*.ckpt")} == before
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
@@ -170,9 +190,22 @@ def test_tokenizer_train_writes_a_usable_tokenizer(small_corpus, tmp_path, algor
 
 def test_progress_bar_and_model_summary_read_right_under_max_steps(quickstart_run):
     output = (quickstart_run.parents[1] / "output.txt").read_text()
-    assert "Epoch 0" in output and "/-" not in output  # Lightning's bar said "Epoch 0/-2"
+    assert "decay (2/2)" in output  # a phased run's bar names the phase, not "Epoch 1"
+    assert "/-" not in output  # Lightning's bar said "Epoch 0/-2" under max_steps
     assert "Total params" in output
     assert "FLOPs" not in output  # a column of zeros and "Total FLOPs: 0" without measurement
+
+
+def test_a_bar_without_phases_counts_epochs_without_a_negative_total():
+    from types import SimpleNamespace
+
+    from fillmask.callbacks import ProgressBar
+
+    bar = ProgressBar()
+    bar._trainer = SimpleNamespace(max_epochs=-1, lightning_module=SimpleNamespace())
+    assert bar._get_train_description(3).split() == ["Epoch", "3"]
+    bar._trainer.lightning_module.phase_label = "decay (2/2)"
+    assert bar._get_train_description(1).strip() == "decay (2/2)"
 
 
 def test_help_lists_the_commands_without_starting_lightning(tmp_path):

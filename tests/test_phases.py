@@ -74,9 +74,9 @@ def build(corpus: Path) -> tuple[MaskedLMDataModule, MaskedLM]:
 
 
 def run(folder: Path, corpus: Path, phases: list[Phase], *callbacks: L.Callback,
-        ckpt_path: str | None = None) -> L.Trainer:
+        ckpt_path: str | None = None, max_steps: int = -1) -> L.Trainer:
     dm, model = build(corpus)
-    trainer = L.Trainer(max_steps=1000, logger=False, enable_progress_bar=False,
+    trainer = L.Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
                         default_root_dir=folder, plugins=[AtomicCheckpointIO()],
                         callbacks=[ModelCheckpoint(dirpath=folder / "checkpoints",
@@ -202,7 +202,7 @@ def test_mixture_temperature_changes_between_phases(tmp_path):
 
 
 def test_bad_phases_are_one_line(small_corpus, tmp_path):
-    cases = [([Phase()], "give its length as tokens or as steps"),
+    cases = [([Phase()], "give its length as tokens, steps or share"),
              ([Phase(steps=2, tokens=10.0)], "exactly one"),
              ([Phase(steps=2, max_length=128)], r"max_length=128 exceeds .*max_positions=64"),
              ([Phase(steps=2, encoder={"rope_theta": 1.0})],
@@ -213,7 +213,30 @@ def test_bad_phases_are_one_line(small_corpus, tmp_path):
     for phases, message in cases:
         with pytest.raises(PhaseError, match=message):
             run(tmp_path, small_corpus, phases)
+    shares = [([Phase(share=0.5)], -1, r"share=0.5 is a share of trainer.max_steps, which is "
+                                       "not set"),
+              ([Phase(share=1.5)], 10, r"share=1.5 of trainer.max_steps=10 must be in \(0, 1\]"),
+              ([Phase(share=0.01)], 10, "at least one step"),
+              ([Phase(steps=2)], 5, "trainer.max_steps=5 disagrees with the phases, which add "
+                                    "up to 2 steps"),
+              ([Phase(share=0.5)], 10, "trainer.max_steps=10 disagrees .* 5 steps")]
+    for phases, max_steps, message in shares:
+        with pytest.raises(PhaseError, match=message):
+            run(tmp_path, small_corpus, phases, max_steps=max_steps)
     assert not (tmp_path / "checkpoints").exists()  # refused before step 0
+
+
+def test_shares_split_the_trainers_max_steps(small_corpus, tmp_path):
+    dm, _ = build(small_corpus)
+    wsd = [Phase(share=0.75), Phase(share=0.25, lr=LearningRate(shape="linear"))]
+    assert [p.steps for p in plan(wsd, dm, 1, 1, max_steps=4000)] == [3000, 1000]
+    assert [p.steps for p in plan(wsd, dm, 1, 1, max_steps=13)] == [10, 3]
+    thirds = [Phase(share=1 / 3)] * 3
+    assert [p.steps for p in plan(thirds, dm, 1, 1, max_steps=10)] == [3, 4, 3]
+    mixed = [Phase(steps=4), Phase(share=0.5)]
+    assert [p.steps for p in plan(mixed, dm, 1, 1, max_steps=8)] == [4, 4]
+    trainer = run(tmp_path, small_corpus, wsd, max_steps=8)
+    assert trainer.global_step == 8 and trainer.current_epoch == 2  # 6 + 2 steps, 2 epochs
 
 
 def ramped() -> list[Phase]:
@@ -284,7 +307,7 @@ def test_two_processes_share_each_phase_without_overlap(tmp_path):
     from test_distributed import fit as fit_command
     from test_distributed import rank_rows, write_config
 
-    config = write_config(tmp_path, steps=1000, checkpoint_every=1000)
+    config = write_config(tmp_path, steps=7, checkpoint_every=1000)  # the phases add up to 7
     text = config.read_text().replace("  callbacks:\n", """  callbacks:
     - class_path: fillmask.phases.Phases
       init_args:
@@ -309,7 +332,7 @@ def test_each_part_logs_its_phase_and_global_batch(small_corpus, tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 
     dm, model = build(small_corpus)
-    trainer = L.Trainer(max_steps=1000, logger=CSVLogger(tmp_path, name="csv", version=""),
+    trainer = L.Trainer(max_steps=-1, logger=CSVLogger(tmp_path, name="csv", version=""),
                         enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0, enable_checkpointing=False,
                         log_every_n_steps=1, callbacks=[Phases(ramped() + two_phases()[1:])])

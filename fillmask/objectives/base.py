@@ -109,10 +109,12 @@ class EncoderObjective(L.LightningModule):
         self.encoder = encoder
         self._step_tokens: torch.Tensor | int = 0  # real tokens since the last optimiser step
         # Set by fillmask.phases.Phases: the phased run's learning-rate multiplier per step
-        # (None: warm-up then `schedule`), and the encoder options its phases change.
+        # (None: warm-up then `schedule`), the encoder options its phases change, and the
+        # current phase's name for the progress bar.
         self.phased = False
         self.phase_schedule: Callable[[int], float] | None = None
         self.phased_options: set[str] = set()
+        self.phase_label: str | None = None
 
     def deliverables(self) -> dict[str, Deliverable]:
         """What this objective hands downstream, by export subfolder (``""``: the folder
