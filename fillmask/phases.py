@@ -143,7 +143,7 @@ def plan(phases: list[Phase], datamodule: Any, accumulate: int, processes: int,
     encoder: dict[str, Any] = {}
     planned: list[PlannedPhase] = []
     for index, phase in enumerate(phases):
-        label = f"phase {index + 1}" + (f" ({phase.name})" if phase.name else "")
+        label = phase_label(index, phase)
         for key in current:
             value = getattr(phase, key)
             if value is not None:
@@ -169,6 +169,11 @@ def plan(phases: list[Phase], datamodule: Any, accumulate: int, processes: int,
     return planned
 
 
+def phase_label(index: int, phase: Phase) -> str:
+    """How errors name a phase: its position, and its name if it has one."""
+    return f"phase {index + 1}" + (f" ({phase.name})" if phase.name else "")
+
+
 def shares_to_steps(phases: list[Phase], max_steps: int) -> list[Phase]:
     """``phases`` with each ``share`` replaced by its steps of ``max_steps``: a phase ends at
     the rounded step of its shares so far, so shares adding up to 1 fill ``max_steps``."""
@@ -177,7 +182,7 @@ def shares_to_steps(phases: list[Phase], max_steps: int) -> list[Phase]:
         if phase.share is None or phase.tokens is not None or phase.steps is not None:
             resolved.append(phase)  # check_phase names what is wrong with it
             continue
-        label = f"phase {index + 1}" + (f" ({phase.name})" if phase.name else "")
+        label = phase_label(index, phase)
         if max_steps < 1:
             raise PhaseError(f"{label}: share={phase.share:g} is a share of trainer.max_steps, "
                              "which is not set; set it or give the length as tokens or steps")
