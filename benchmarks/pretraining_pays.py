@@ -1,21 +1,32 @@
 """Does pretraining pay? The quickstart's encoder against the same architecture and tokenizer
-trained from scratch, fine-tuned on a real labelled general-English task.
+trained from scratch, fine-tuned on a real labelled English task that no one in this project
+wrote. Two tasks, chosen with ``--task``:
 
-The task, built here from Princeton WordNet 3.0 (Debian's ``wordnet-base`` package, fetched with
-``apt-get download`` unless ``--wordnet-deb`` names the .deb): the definition of a noun synset
-(its gloss up to the first example, the synset's own words left out), labelled with the synset's
-lexicographer file, i.e. its semantic category. Ten categories, the largest except the
-abstract ones: act, animal, artifact, communication, food, location, person, plant, state,
-substance. The same number of synsets per class, split into train and dev by a hash of the
-synset's offset (stable across runs and machines). No one in this project wrote these labels.
+``wordnet`` (general vocabulary), built from Princeton WordNet 3.0 (Debian's ``wordnet-base``
+package, fetched with ``apt-get download`` unless ``--wordnet-deb`` names the .deb): the
+definition of a noun synset (its gloss up to the first example, the synset's own words left out),
+labelled with the synset's lexicographer file, i.e. its semantic category. Ten categories, the
+largest except the abstract ones: act, animal, artifact, communication, food, location, person,
+plant, state, substance. Split into train and dev by a hash of the synset's offset.
 
-Both encoders run through ``fillmask evaluate`` (the same suite, the same learning-rate sweep and
-seeds); the script prints the table and the difference at the best learning rate.
-``--linear-probe`` instead freezes both encoders and fits a logistic regression on their
-mean-pooled states (and on the mean of their input token embeddings): how much of the task the
-features carry before any fine-tuning.
+``debian`` (descriptions of software, nearer the python-docs the quickstart pretrains on), built
+from Debian's package index (the ``Packages`` file apt keeps under /var/lib/apt/lists, or
+``--packages``): a source package's one-line description, written by its Debian maintainer,
+labelled with its archive section. Ten sections that say what a program is for rather than what
+language it is written in: admin, fonts, games, graphics, math, net, science, sound, text, web.
+One description per source package (the binary named after the source, else the first), text
+found under two sources dropped, split into train and dev by a hash of the source's name, so no
+source is on both sides.
 
-    python benchmarks/pretraining_pays.py --checkpoint runs/quickstart/checkpoints/last.ckpt
+Both tasks are balanced (the same number of items per class) and stable across runs and
+machines. Both encoders run through ``fillmask evaluate`` (the same suite, the same
+learning-rate sweep and seeds); the script prints the table and the difference at the best
+learning rate. ``--linear-probe`` instead freezes both encoders and fits a logistic regression on
+their mean-pooled states (and on the mean of their input token embeddings): how much of the task
+the features carry before any fine-tuning.
+
+    python benchmarks/pretraining_pays.py --checkpoint runs/quickstart/checkpoints/last.ckpt \
+        --task debian
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ import json
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -38,6 +50,10 @@ from fillmask.embedding import SentenceEncoder
 
 CATEGORIES = {4: "act", 5: "animal", 6: "artifact", 10: "communication", 13: "food",
               15: "location", 18: "person", 20: "plant", 26: "state", 27: "substance"}
+SECTIONS = {"admin", "fonts", "games", "graphics", "math", "net", "science", "sound", "text",
+            "web"}
+TASKS = {"wordnet": ("wordnet-categories", 300, 100), "debian": ("debian-sections", 180, 100)}
+"""Per task: its name in the suite, and the default train and dev items per class."""
 
 
 def wordnet_nouns(deb: Path | None, work: Path) -> Path:
@@ -55,6 +71,10 @@ def definition(gloss: str) -> str:
     return gloss.split('; "')[0].split(' "')[0].strip().rstrip(";").strip()
 
 
+Items = dict[str, list[tuple[str, str]]]
+"""Per class, (split key, text): items are ordered, and split, by their key."""
+
+
 def synsets(data_noun: Path) -> list[tuple[str, str, str]]:
     """(offset, category, definition) of every noun synset of the ten categories."""
     rows = []
@@ -70,19 +90,70 @@ def synsets(data_noun: Path) -> list[tuple[str, str, str]]:
     return rows
 
 
-def build_task(data_noun: Path, folder: Path, train_per_class: int, dev_per_class: int
+def wordnet_items(deb: Path | None) -> Items:
+    """Per category, the definitions of its noun synsets."""
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = synsets(wordnet_nouns(deb, Path(tmp)))
+    items: Items = {}
+    for offset, category, text in rows:
+        items.setdefault(category, []).append((sha256(offset), text))
+    return items
+
+
+def packages_index(path: Path | None) -> str:
+    """The text of a Debian ``Packages`` file, compressed or not (apt-helper reads either)."""
+    if path is None:
+        found = sorted(Path("/var/lib/apt/lists").glob("*_main_binary-amd64_Packages*"))
+        if not found:
+            raise SystemExit("no Debian package index under /var/lib/apt/lists: run "
+                             "`apt-get update` or name a Packages file with --packages")
+        path = found[0]
+    return subprocess.run(["/usr/lib/apt/apt-helper", "cat-file", str(path)], check=True,
+                          capture_output=True, text=True).stdout
+
+
+def stanzas(index: str) -> list[dict[str, str]]:
+    """The fields of each package in a Packages file (continuation lines left out)."""
+    packages = []
+    for block in index.split("\n\n"):
+        fields = dict(line.split(":", 1) for line in block.splitlines()
+                      if line and not line[0].isspace() and ":" in line)
+        if "Package" in fields:
+            packages.append({k: v.strip() for k, v in fields.items()})
+    return packages
+
+
+def debian_items(index: str) -> Items:
+    """Per section, one description per source package, from a Packages file's text."""
+    by_source: dict[str, tuple[str, str]] = {}
+    for package in stanzas(index):
+        source = package.get("Source", package["Package"]).split()[0]
+        if source not in by_source or package["Package"] == source:
+            section = package.get("Section", "").rsplit("/", 1)[-1]
+            by_source[source] = (section, package.get("Description", ""))
+    uses = Counter(text.lower() for _, text in by_source.values())
+    items: Items = {}
+    for source, (section, text) in by_source.items():
+        if section in SECTIONS and uses[text.lower()] == 1 and len(text.split()) >= 3:
+            items.setdefault(section, []).append((sha256(source), text))
+    return items
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def build_task(items: Items, folder: Path, train_per_class: int, dev_per_class: int
                ) -> tuple[Path, Path]:
-    """train.csv and dev.csv with ``text`` and ``label``, balanced over the ten categories."""
-    by_class: dict[str, list[tuple[str, str]]] = {}
-    for offset, category, text in synsets(data_noun):
-        key = hashlib.sha256(offset.encode()).hexdigest()
-        by_class.setdefault(category, []).append((key, text))
+    """train.csv and dev.csv with ``text`` and ``label``, balanced over the classes."""
     splits: dict[str, list[dict[str, str]]] = {"train": [], "dev": []}
-    for category, items in sorted(by_class.items()):
-        items.sort()
-        chosen = items[: train_per_class + dev_per_class]
-        splits["dev"] += [{"text": t, "label": category} for _, t in chosen[:dev_per_class]]
-        splits["train"] += [{"text": t, "label": category} for _, t in chosen[dev_per_class:]]
+    for label, pairs in sorted(items.items()):
+        if len(pairs) < train_per_class + dev_per_class:
+            raise SystemExit(f"class {label!r} has {len(pairs)} items, fewer than "
+                             f"{train_per_class} + {dev_per_class}: lower --train-per-class")
+        chosen = sorted(pairs)[: train_per_class + dev_per_class]
+        splits["dev"] += [{"text": t, "label": label} for _, t in chosen[:dev_per_class]]
+        splits["train"] += [{"text": t, "label": label} for _, t in chosen[dev_per_class:]]
     paths = []
     for name, rows in splits.items():
         path = folder / f"{name}.csv"
@@ -102,7 +173,7 @@ def suite(checkpoint: Path, train: Path, dev: Path, args: argparse.Namespace) ->
         "output": str(args.output),
         "encoders": [{"name": "pretrained", "pretrained": str(checkpoint)},
                      {"name": "scratch", "pretrained": str(checkpoint), "from_scratch": True}],
-        "tasks": [{"name": "wordnet-categories", "metric": "val/accuracy", "model": model,
+        "tasks": [{"name": TASKS[args.task][0], "metric": "val/accuracy", "model": model,
                    "data": {"train_file": str(train), "validation_file": str(dev),
                             "max_length": args.max_length, "batch_size": args.batch_size}}],
         "seeds": list(range(args.seeds)),
@@ -177,9 +248,12 @@ def linear_probe(checkpoint: Path, train: Path, dev: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, required=True, help="the quickstart's")
+    parser.add_argument("--task", choices=sorted(TASKS), default="wordnet")
     parser.add_argument("--wordnet-deb", type=Path, help="wordnet-base .deb (else downloaded)")
-    parser.add_argument("--output", type=Path, default=Path("runs/pretraining-pays"))
-    parser.add_argument("--train-per-class", type=int, default=300)
+    parser.add_argument("--packages", type=Path,
+                        help="a Debian Packages file (else apt's, under /var/lib/apt/lists)")
+    parser.add_argument("--output", type=Path, help="default: runs/pretraining-pays/TASK")
+    parser.add_argument("--train-per-class", type=int, help="default: 300 wordnet, 180 debian")
     parser.add_argument("--dev-per-class", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--seeds", type=int, default=3)
@@ -191,10 +265,13 @@ def main() -> None:
     parser.add_argument("--linear-probe", action="store_true",
                         help="probe frozen features instead of fine-tuning")
     args = parser.parse_args()
+    task, train_per_class, _ = TASKS[args.task]
+    args.train_per_class = args.train_per_class or train_per_class
+    args.output = args.output or Path("runs/pretraining-pays") / args.task
     args.output.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        data_noun = wordnet_nouns(args.wordnet_deb, Path(tmp))
-        train, dev = build_task(data_noun, args.output, args.train_per_class, args.dev_per_class)
+    items = (wordnet_items(args.wordnet_deb) if args.task == "wordnet"
+             else debian_items(packages_index(args.packages)))
+    train, dev = build_task(items, args.output, args.train_per_class, args.dev_per_class)
     if args.linear_probe:
         linear_probe(args.checkpoint, train, dev)
         return
@@ -206,9 +283,9 @@ def main() -> None:
     if code:
         raise SystemExit(code)
     table = json.loads((args.output / "results.json").read_text(encoding="utf-8"))
-    cells = {row["encoder"]: row["tasks"]["wordnet-categories"] for row in table["rows"]}
+    cells = {row["encoder"]: row["tasks"][task] for row in table["rows"]}
     gain = cells["pretrained"]["mean"] - cells["scratch"]["mean"]
-    print(f"\nWordNet categories (10 classes, {args.train_per_class}/{args.dev_per_class} per "
+    print(f"\n{task} ({len(items)} classes, {args.train_per_class}/{args.dev_per_class} per "
           "class), dev accuracy at each encoder's best learning rate:")
     for name, cell in cells.items():
         rates = ", ".join(f"{r}: {m:.1f}" for r, m in cell["by_learning_rate"].items())
