@@ -52,8 +52,8 @@ CATEGORIES = {4: "act", 5: "animal", 6: "artifact", 10: "communication", 13: "fo
               15: "location", 18: "person", 20: "plant", 26: "state", 27: "substance"}
 SECTIONS = {"admin", "fonts", "games", "graphics", "math", "net", "science", "sound", "text",
             "web"}
-TASKS = {"wordnet": ("wordnet-categories", 300, 100), "debian": ("debian-sections", 180, 100)}
-"""Per task: its name in the suite, and the default train and dev items per class."""
+TASKS = {"wordnet": ("wordnet-categories", 300), "debian": ("debian-sections", 180)}
+"""Per task: its name in the suite, and the default training items per class."""
 
 
 def wordnet_nouns(deb: Path | None, work: Path) -> Path:
@@ -265,7 +265,7 @@ def main() -> None:
     parser.add_argument("--linear-probe", action="store_true",
                         help="probe frozen features instead of fine-tuning")
     args = parser.parse_args()
-    task, train_per_class, _ = TASKS[args.task]
+    task, train_per_class = TASKS[args.task]
     args.train_per_class = args.train_per_class or train_per_class
     args.output = args.output or Path("runs/pretraining-pays") / args.task
     args.output.mkdir(parents=True, exist_ok=True)
